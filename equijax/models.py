@@ -1,0 +1,193 @@
+"""Potentials: pure functions from ``(params, graph)`` to energies.
+
+A :class:`Potential` is a NamedTuple of pure functions, in the manner of
+``optax.GradientTransformation``::
+
+    model = equijax.nequip(NequIPConfig(species=(1, 6, 8)))
+    params = model.init(jax.random.PRNGKey(0))          # jitted, no data needed
+    energies = model.energy(params, graph)                # (n_graph,) eV
+    atomic = model.atomic_energies(params, graph)         # (n_node,) eV, 0 on padding
+
+Forces, stress and Hessians are *not* part of the model: they are derived
+from ``energy`` by :mod:`equijax.physics`. A model never knows how it is
+trained (:mod:`equijax.training`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple, Optional
+
+import e3nn_jax as e3nn
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+
+from equijax import graph as graph_lib
+from equijax import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class NequIPConfig:
+    """Hyperparameters of a NequIP potential (hashable, JSON-serialisable).
+
+    Attributes:
+        species: atomic numbers the model knows, in embedding order.
+        cutoff: neighbour cutoff in Å.
+        l_max: highest rotation order of features and edge harmonics;
+            0 gives the invariant baseline.
+        parity: keep both parities (O(3) features) or only ``(-1)^l``.
+        channels: multiplicity of every irrep of the hidden features.
+        n_layers: interaction layers.
+        n_radial: Bessel functions.
+        radial_hidden: hidden sizes of the radial MLP.
+        envelope_p: order of the polynomial cutoff envelope.
+        avg_num_neighbours: messages are divided by this (set from data).
+        readout_hidden: scalar width of the readout's hidden layer.
+        dtype: ``"float32"`` or ``"float64"``.
+        energy_shift, energy_scale: per-species atomic energy shift (eV) and
+            scale (eV), ``E_i = scale[Z_i] * e_i + shift[Z_i]``; default 0 and 1.
+    """
+
+    species: tuple = (1, 6, 7, 8)
+    cutoff: float = 5.0
+    l_max: int = 2
+    parity: bool = True
+    channels: int = 32
+    n_layers: int = 4
+    n_radial: int = 8
+    radial_hidden: tuple = (64, 64)
+    envelope_p: int = 6
+    avg_num_neighbours: float = 12.0
+    readout_hidden: int = 16
+    dtype: str = "float32"
+    energy_shift: Optional[tuple] = None
+    energy_scale: Optional[tuple] = None
+
+    def replace(self, **kwargs) -> "NequIPConfig":
+        return dataclasses.replace(self, **kwargs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NequIPConfig":
+        d = dict(d)
+        for key in ("species", "radial_hidden", "energy_shift", "energy_scale"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    @property
+    def hidden_irreps(self) -> e3nn.Irreps:
+        irreps = []
+        for l in range(self.l_max + 1):
+            parities = (1, -1) if self.parity else ((-1) ** l,)
+            irreps += [(self.channels, (l, p)) for p in parities]
+        return e3nn.Irreps(irreps)
+
+
+class Potential(NamedTuple):
+    """A potential as pure functions (see the module docstring).
+
+    Attributes:
+        init: ``(key) -> params``.
+        atomic_energies: ``(params, graph) -> (n_node,)`` eV, zero on padding.
+        energy: ``(params, graph) -> (n_graph,)`` eV, zero on padding graphs.
+        config: the hyperparameters.
+    """
+
+    init: Callable
+    atomic_energies: Callable
+    energy: Callable
+    config: NequIPConfig
+
+
+def species_index(species: tuple, atomic_numbers: jax.Array) -> jax.Array:
+    """(n_node,) Z -> index into ``species``; unknown Z (and padding) -> 0.
+
+    Unknown elements are rejected on the host by :func:`equijax.graph.build_graph`
+    (pass it ``species=config.species``); here they only must not crash.
+    """
+    table = np.zeros(max(max(species), 1) + 1, np.int32)
+    table[list(species)] = np.arange(len(species))
+    z = jnp.clip(atomic_numbers, 0, len(table) - 1)
+    return jnp.asarray(table)[z]
+
+
+def total_energy(atomic: jax.Array, graph: jraph.GraphsTuple) -> jax.Array:
+    """Sum (n_node,) atomic energies into (n_graph,) graph energies."""
+    n_graph = graph.n_node.shape[0]
+    return jax.ops.segment_sum(atomic, graph_lib.node_graph_index(graph), num_segments=n_graph)
+
+
+def nequip(config: NequIPConfig, interaction=None) -> Potential:
+    """The NequIP potential (Batzner et al., Nat. Commun. 13, 2453 (2022)).
+
+    Species embedding -> ``n_layers`` interactions (:func:`layers.conv`, or
+    the block given as ``interaction``) -> readout of atomic energies from the
+    even scalars -> per-species shift and scale -> sum per graph.
+
+    Args:
+        config: hyperparameters.
+        interaction: optional replacement block, a pair ``(plan_fn, init_fn,
+            apply_fn)`` with the signatures of :func:`layers.conv_plan`,
+            :func:`layers.conv_init` and :func:`layers.conv`; this is how a
+            researcher swaps in a new layer (see ``notebooks/``).
+    """
+    plan_fn, block_init, block_apply = interaction or (layers.conv_plan, layers.conv_init, layers.conv)
+    dtype = jnp.dtype(config.dtype)
+    n_species = len(config.species)
+    irreps_sh = e3nn.Irreps.spherical_harmonics(config.l_max)  # 0e + 1o + 2e + ...
+
+    plans = []
+    irreps = e3nn.Irreps(f"{config.channels}x0e")
+    for _ in range(config.n_layers):
+        plan = plan_fn(irreps, config.hidden_irreps, irreps_sh, config.channels, n_species,
+                       config.n_radial, config.radial_hidden)
+        plans.append(plan)
+        irreps = plan.irreps_out
+    final_irreps = irreps
+    readout_irreps = e3nn.Irreps(f"{config.readout_hidden}x0e")
+
+    shift = np.zeros(n_species) if config.energy_shift is None else np.asarray(config.energy_shift)
+    scale = np.ones(n_species) if config.energy_scale is None else np.asarray(config.energy_scale)
+
+    @jax.jit
+    def init(key):
+        keys = jax.random.split(key, config.n_layers + 3)
+        return {
+            "embedding": jax.random.normal(keys[0], (n_species, config.channels), dtype),
+            "layers": [block_init(k, p, dtype) for k, p in zip(keys[1:], plans)],
+            "readout": {
+                "hidden": layers.linear_init(keys[-2], final_irreps, readout_irreps, dtype),
+                "out": layers.linear_init(keys[-1], readout_irreps, "0e", dtype),
+            },
+            "shift": jnp.asarray(shift, dtype),
+            "scale": jnp.asarray(scale, dtype),
+        }
+
+    def atomic_energies(params, graph: jraph.GraphsTuple) -> jax.Array:
+        positions = graph.nodes["positions"].astype(dtype)
+        vectors = graph_lib.edge_vectors(graph, positions, graph.globals["cell"].astype(dtype))
+        n_node = positions.shape[0]
+        edges = layers.embed_edges(
+            vectors, graph.edges["mask"], graph.senders, graph.receivers, n_node,
+            l_max=config.l_max, n_radial=config.n_radial, cutoff=config.cutoff,
+            envelope_p=config.envelope_p,
+        )
+        species = species_index(config.species, graph.nodes["atomic_numbers"])
+        h = e3nn.IrrepsArray(f"{config.channels}x0e", params["embedding"][species])
+        for p, plan in zip(params["layers"], plans):
+            h = block_apply(p, plan, h, species, edges, config.avg_num_neighbours)
+        x = layers.linear(params["readout"]["hidden"], h, readout_irreps)
+        x = e3nn.scalar_activation(x, [jax.nn.silu])
+        e = layers.linear(params["readout"]["out"], x, "0e").array[:, 0]
+        e = params["scale"][species] * e + params["shift"][species]
+        return jnp.where(graph.nodes["mask"], e, 0.0)
+
+    def energy(params, graph: jraph.GraphsTuple) -> jax.Array:
+        return total_energy(atomic_energies(params, graph), graph)
+
+    return Potential(init=init, atomic_energies=atomic_energies, energy=energy, config=config)

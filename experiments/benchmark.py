@@ -1,0 +1,266 @@
+"""Side-by-side benchmark: equijax against jax-md's NequIP on the same structures.
+
+Workloads (structures in experiments/workloads/, the standard model: l_max=2,
+32 channels per irrep and parity, 4 layers, 8 Bessel functions, cutoff 5 Å,
+radial MLP 2×64, float32):
+
+  W1  energy + forces, 32 aspirin molecules (672 atoms) in one batch
+  W2  energy + forces, periodic water box (192 atoms, 1 g/cm³)
+  W3  one training step on W1 (energy + force loss, gradient, Adam update)
+  W4  full Hessian (63×63) of one aspirin molecule
+
+Each (model, workload) runs in a fresh process, so that the first call
+(init + compile) and the peak memory are its own. Both models see the same
+neighbour list (equijax's, from vesin); jax-md gets it unpadded. Label values
+do not change timings; W3 trains towards zero energy and forces.
+
+Usage:
+  python experiments/benchmark.py                    # everything, prints a table
+  python experiments/benchmark.py --workloads W1 W4 --repeats 20
+  python experiments/benchmark.py --out experiments/results/benchmark_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORKLOADS = HERE / "workloads"
+SPECIES = (1, 6, 8)
+MODELS = ("equijax", "jaxmd")
+
+
+def _structures(workload):
+    import ase.io
+
+    if workload in ("W1", "W3"):
+        return ase.io.read(WORKLOADS / "w1_aspirin_x32.xyz", index=":")
+    if workload == "W2":
+        return [ase.io.read(WORKLOADS / "water_box.xyz")]
+    return [ase.io.read(WORKLOADS / "aspirin.xyz")]
+
+
+def _peak_memory_mb():
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        return stats.get("peak_bytes_in_use", 0) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _flops(jitted, *args):
+    try:
+        cost = jitted.lower(*args).compile().cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0]
+        return float(cost.get("flops", float("nan")))
+    except Exception:  # cost analysis is best effort
+        return float("nan")
+
+
+def _equijax_setup(workload, structures):
+    import jax
+    import optax
+
+    import equijax as eq
+    from equijax import physics, training
+
+    cfg = eq.NequIPConfig(species=SPECIES, l_max=2, parity=True, channels=32, n_layers=4,
+                          n_radial=8, cutoff=5.0, radial_hidden=(64, 64), dtype="float32")
+    graph = eq.build_graph(structures, cfg.cutoff, species=SPECIES)
+    model = eq.nequip(cfg)
+    cfg = cfg.replace(avg_num_neighbours=eq.graph.num_neighbours(graph))
+    model = eq.nequip(cfg)
+
+    def init():
+        return model.init(jax.random.PRNGKey(0))
+
+    if workload in ("W1", "W2"):
+        fn = jax.jit(physics.energy_and_forces(model.energy))
+        return init, lambda p: (fn, (p, graph))
+    if workload == "W4":
+        fn = jax.jit(physics.hessian(model.energy))
+        return init, lambda p: (fn, (p, graph))
+    # W3: zero labels; the step's cost does not depend on their values
+    graph = graph._replace(
+        nodes={**graph.nodes, "forces": jax.numpy.zeros_like(graph.nodes["positions"])},
+        globals={**graph.globals, "energy": jax.numpy.zeros(graph.n_node.shape, "float32")},
+    )
+    opt = optax.adam(1e-3)
+    step = jax.jit(training.train_step(model.energy, opt))
+
+    def make(p):
+        return step, (training.TrainState(p, opt.init(p), jax.numpy.zeros((), "int32")), graph)
+
+    return init, make
+
+
+def _jaxmd_setup(workload, structures):
+    import jax
+    import jax.numpy as jnp
+    import jraph
+    import numpy as np
+    import optax
+    from jax_md._nn import nequip as jmd_nequip
+
+    import equijax as eq
+
+    cfg = jmd_nequip.default_config()
+    cfg.hidden_irreps = "32x0e+32x0o+32x1e+32x1o+32x2e+32x2o"
+    cfg.sh_irreps = "1x0e+1x1o+1x2e"
+    cfg.graph_net_steps = 4
+    cfg.num_basis = 8
+    cfg.r_max = 5.0
+    cfg.radial_net_n_hidden = 64
+    cfg.radial_net_n_layers = 2
+    cfg.n_elements = len(SPECIES)
+    cfg.shift, cfg.scale = 0.0, 1.0
+
+    # the same neighbours as equijax, unpadded
+    recv, send, shift, offs, cells = [], [], [], 0, []
+    for s in structures:
+        st = eq.graph.from_ase(s)
+        r, se, sh = eq.graph.neighbours(st, 5.0)
+        cell = st.cell if st.cell is not None else np.zeros((3, 3))
+        recv.append(r + offs)
+        send.append(se + offs)
+        shift.append(sh @ cell)
+        offs += len(s)
+    recv, send = jnp.asarray(np.concatenate(recv)), jnp.asarray(np.concatenate(send))
+    offset = jnp.asarray(np.concatenate(shift), jnp.float32)
+    cfg.n_neighbors = float(len(recv) / offs)
+    numbers = np.concatenate([s.numbers for s in structures])
+    nodes = jax.nn.one_hot(jnp.asarray([SPECIES.index(z) for z in numbers]), len(SPECIES))
+    pos = jnp.asarray(np.concatenate([s.positions for s in structures]), jnp.float32)
+    n_node = jnp.asarray([len(s) for s in structures])
+    model = jmd_nequip.model_from_config(cfg)
+
+    def graph(p):
+        return jraph.GraphsTuple(nodes=nodes, edges=p[send] - p[recv] + offset, senders=send,
+                                 receivers=recv, globals=None, n_node=n_node,
+                                 n_edge=jnp.asarray([len(recv)]))
+
+    def energy(params, p):
+        return model.apply(params, graph(p))[:, 0]
+
+    def init():
+        return model.init(jax.random.PRNGKey(0), graph(pos))
+
+    if workload in ("W1", "W2"):
+        fn = jax.jit(lambda params, p: (energy(params, p), -jax.grad(lambda q: energy(params, q).sum())(p)))
+        return init, lambda params: (fn, (params, pos))
+    if workload == "W4":
+        fn = jax.jit(lambda params, p: jax.hessian(lambda q: energy(params, q).sum())(p))
+        return init, lambda params: (fn, (params, pos))
+    opt = optax.adam(1e-3)
+
+    def loss(params):
+        e, g = jax.value_and_grad(lambda q: energy(params, q).sum())(pos)
+        e = energy(params, pos)
+        return ((e / n_node) ** 2).mean() + 10.0 * (g**2).mean()
+
+    @jax.jit
+    def step(state):
+        params, opt_state = state
+        grads = jax.grad(loss)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return init, lambda params: (step, ((params, opt.init(params)),))
+
+
+def worker(model_name, workload, repeats):
+    import jax
+
+    structures = _structures(workload)
+    base_mem = _peak_memory_mb()
+    setup = _equijax_setup if model_name == "equijax" else _jaxmd_setup
+    t0 = time.perf_counter()
+    init, make = setup(workload, structures)
+    params = init()
+    fn, args = make(params)
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    flops = _flops(fn, *args)
+    median = statistics.median(times)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    return {
+        "model": model_name, "workload": workload, "median_s": median,
+        "iqr_s": (statistics.quantiles(times, n=4)[2] - statistics.quantiles(times, n=4)[0]) if len(times) > 3 else 0.0,
+        "first_call_s": first, "peak_mem_mb": _peak_memory_mb() - (base_mem if jax.devices()[0].platform == "cpu" else 0),
+        "gflops": flops / 1e9, "gflops_per_s": flops / 1e9 / median, "n_params": int(n_params),
+        "device": str(jax.devices()[0].device_kind), "repeats": repeats,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3", "W4"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--repeats", type=int, default=10, help="warm calls timed (median reported)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "WORKLOAD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print("RESULT " + json.dumps(worker(*args.worker, args.repeats)), flush=True)
+        return
+
+    results = []
+    for w in args.workloads:
+        for m in args.models:
+            proc = subprocess.run([sys.executable, __file__, "--worker", m, w, "--repeats", str(args.repeats)],
+                                  capture_output=True, text=True)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if not lines:
+                print(f"{m} {w} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            r = json.loads(lines[-1][7:])
+            results.append(r)
+            print(f"  {w} {m:8s} median {r['median_s']*1e3:9.1f} ms  first call {r['first_call_s']:6.1f} s  "
+                  f"peak {r['peak_mem_mb']:7.0f} MB  {r['gflops']:8.2f} GFLOP  {r['gflops_per_s']:7.1f} GFLOP/s",
+                  flush=True)
+    print()
+    print(table(results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+def table(results):
+    """Markdown table with the ratio peer/equijax (>1: equijax is faster)."""
+    by = {(r["workload"], r["model"]): r for r in results}
+    rows = ["| workload | equijax median | jax-md median | speed-up (jax-md / equijax) | equijax first call | jax-md first call | equijax peak MB | jax-md peak MB | equijax GFLOP/s |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for w in sorted({r["workload"] for r in results}):
+        a, b = by.get((w, "equijax")), by.get((w, "jaxmd"))
+        if not a:
+            continue
+        ratio = f"{b['median_s'] / a['median_s']:.2f}×" if b else "–"
+        rows.append(
+            f"| {w} | {a['median_s']*1e3:.1f} ms | {b['median_s']*1e3 if b else float('nan'):.1f} ms | {ratio} | "
+            f"{a['first_call_s']:.1f} s | {b['first_call_s'] if b else float('nan'):.1f} s | "
+            f"{a['peak_mem_mb']:.0f} | {b['peak_mem_mb'] if b else float('nan'):.0f} | {a['gflops_per_s']:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

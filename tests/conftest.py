@@ -1,0 +1,26 @@
+"""Test configuration: float64 available, NaNs and infs are errors."""
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", True)  # tests only; the library flips no flags
+jax.config.update("jax_debug_nans", True)
+jax.config.update("jax_debug_infs", True)
+
+
+@pytest.fixture(scope="session")
+def small_config():
+    """A small float64 NequIP with every feature on (l_max=2, parity)."""
+    from equijax import NequIPConfig
+
+    return NequIPConfig(species=(1, 6, 8, 29), cutoff=3.5, l_max=2, parity=True, channels=4,
+                        n_layers=2, n_radial=6, radial_hidden=(8,), avg_num_neighbours=8.0,
+                        readout_hidden=4, dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def small_model(small_config):
+    import equijax
+
+    model = equijax.nequip(small_config)
+    return model, model.init(jax.random.PRNGKey(1))
