@@ -58,8 +58,8 @@ def test_translation_and_permutation(small_config, small_model):
 def test_padding_and_batching_change_nothing(small_config, small_model):
     model, params = small_model
     a, b = methanol(0), copper(1)
-    ef = physics.energy_and_forces(model.energy)
-    hess = physics.hessian(model.energy)
+    ef = jax.jit(physics.energy_and_forces(model.energy))
+    hess = jax.jit(physics.hessian(model.energy))
     single_a, single_b = build([a], small_config), build([b], small_config)
     padded_a = build([a], small_config, pad_to=(40, 400, 5))
     batch = build([a, b], small_config)
@@ -87,13 +87,15 @@ def test_vmap_over_stacked_graphs_and_chunked_hessian(small_config, small_model)
     mols = [methanol(s) for s in range(3)]
     graphs = [build([m], small_config, pad_to=(12, 64, 2)) for m in mols]
     stacked = G.stack_graphs(graphs)
-    dense = physics.hessian(model.energy)
-    hs = jax.jit(jax.vmap(dense, in_axes=(None, 0)))(params, stacked)
-    es = jax.vmap(model.energy, in_axes=(None, 0))(params, stacked)
+    dense = jax.jit(physics.hessian(model.energy))
+    chunked = jax.jit(physics.hessian_chunked(model.energy, batch_size=5))
+    energy = jax.jit(model.energy)
+    hs = jax.jit(jax.vmap(physics.hessian(model.energy), in_axes=(None, 0)))(params, stacked)
+    es = jax.jit(jax.vmap(model.energy, in_axes=(None, 0)))(params, stacked)
     for k, g in enumerate(graphs):
         np.testing.assert_allclose(hs[k], dense(params, g), atol=1e-12)
-        np.testing.assert_allclose(es[k], model.energy(params, g), atol=1e-12)
-        np.testing.assert_allclose(physics.hessian_chunked(model.energy, batch_size=5)(params, g), hs[k], atol=1e-12)
+        np.testing.assert_allclose(es[k], energy(params, g), atol=1e-12)
+        np.testing.assert_allclose(chunked(params, g), hs[k], atol=1e-12)
 
 
 def _central_difference(f, x, h=1e-5):
@@ -114,10 +116,10 @@ def test_forces_and_hessian_match_finite_differences(small_config, small_model):
     pos = np.asarray(g.nodes["positions"])
     energy = jax.jit(lambda p: model.energy(params, physics.with_positions(g, p))[0])
     forces = jax.jit(lambda p: physics.energy_and_forces(model.energy)(params, physics.with_positions(g, p))[1])
-    e, f = physics.energy_and_forces(model.energy)(params, g)
+    e, f = jax.jit(physics.energy_and_forces(model.energy))(params, g)
     fd_forces = -_central_difference(energy, pos)
     np.testing.assert_allclose(f[:n], fd_forces[:n], atol=1e-7)
-    h = np.asarray(physics.hessian(model.energy)(params, g))
+    h = np.asarray(jax.jit(physics.hessian(model.energy))(params, g))
     fd_hess = -_central_difference(lambda p: forces(p)[:n], pos)[:n]  # (a, i, b, j)
     np.testing.assert_allclose(h[:n, :, :n], fd_hess, atol=1e-6)
     np.testing.assert_allclose(h, np.transpose(h, (2, 3, 0, 1)), atol=1e-12)
@@ -128,7 +130,7 @@ def test_stress_matches_finite_differences_of_strain(small_config, small_model):
     model, params = small_model
     atoms = copper()
     g = build([atoms], small_config)
-    out = physics.energy_forces_stress(model.energy)(params, g)
+    out = jax.jit(physics.energy_forces_stress(model.energy))(params, g)
     energy = jax.jit(lambda eps: model.energy(params, physics.strain(g, jnp.asarray(eps)[None].repeat(2, 0)))[0])
     fd = _central_difference(energy, np.zeros((3, 3)), h=1e-6) / atoms.get_volume()
     fd = 0.5 * (fd + fd.T)
@@ -140,14 +142,15 @@ def test_stress_matches_finite_differences_of_strain(small_config, small_model):
 def test_supercell_is_extensive_and_wrapping_changes_nothing(small_config, small_model):
     model, params = small_model
     cell = copper()
-    e1 = model.energy(params, build([cell], small_config))[0]
-    e8 = model.energy(params, build([cell * (2, 2, 2)], small_config))[0]
+    energy = jax.jit(model.energy)
+    e1 = energy(params, build([cell], small_config))[0]
+    e8 = energy(params, build([cell * (2, 2, 2)], small_config))[0]
     np.testing.assert_allclose(e8, 8 * e1, rtol=1e-10)
     shifted = cell.copy()
     shifted.positions += shifted.cell.array.sum(0) * 0.73  # move atoms outside the cell
     wrapped = shifted.copy()
     wrapped.wrap()
-    ef = physics.energy_forces_stress(model.energy)
+    ef = jax.jit(physics.energy_forces_stress(model.energy))
     a, b = ef(params, build([shifted], small_config)), ef(params, build([wrapped], small_config))
     np.testing.assert_allclose(a.energy[0], e1, rtol=1e-10)
     np.testing.assert_allclose(b.energy[0], e1, rtol=1e-10)
