@@ -199,6 +199,7 @@ def build_graph(
     species: Sequence[int] | None = None,
     pad_to: tuple[int, int, int] | None = None,
     dtype=np.float32,
+    neighbour_lists: Sequence | None = None,
 ) -> jraph.GraphsTuple:
     """Batch structures into one padded :class:`jraph.GraphsTuple`.
 
@@ -209,6 +210,8 @@ def build_graph(
         species: atomic numbers the model knows; others raise ``ValueError``.
         pad_to: ``(n_node, n_edge, n_graph)``; default from :func:`pad_sizes`.
         dtype: float dtype of positions, shifts, cell and labels.
+        neighbour_lists: precomputed :func:`neighbours` of each structure
+            (structures already checked), to batch a data set repeatedly.
 
     Raises:
         ValueError: bad input (see :func:`check_structure`, :func:`neighbours`)
@@ -220,10 +223,13 @@ def build_graph(
     if not structures:
         raise ValueError("no structures to build a graph from")
 
-    parts = []
-    for s in structures:
-        check_structure(s, species)
-        parts.append(neighbours(s, cutoff))
+    if neighbour_lists is None:
+        parts = []
+        for s in structures:
+            check_structure(s, species)
+            parts.append(neighbours(s, cutoff))
+    else:
+        parts = list(neighbour_lists)
 
     n_atoms = np.array([len(s.positions) for s in structures])
     n_edges = np.array([len(p[0]) for p in parts])

@@ -1,8 +1,17 @@
-"""Training, outside the model: losses, optimiser, and a jitted train step.
+"""Training, outside the model: loss, optimiser, EMA, train step, evaluation.
 
-The model is any ``energy_fn(params, graph)``; labels travel in the padded
-graph (``globals["energy"]``, ``nodes["forces"]``, ``globals["stress"]``),
-see :mod:`equijax.graph`.
+The model is any ``energy_fn(params, graph)``. Batches are *stacked* padded
+graphs of shape ``(n_shards, ...)`` (:meth:`equijax.data.Dataset.batches`),
+one shard per device; losses are sums over every real structure of every
+shard divided by the global counts, so one device and many give the same
+numbers. Labels travel in the graph: ``globals["energy"]``,
+``nodes["forces"]``, ``globals["stress"]``.
+
+Data parallelism is plain JAX: parameters are replicated and the batch's
+shard axis is split over a ``jax.sharding.Mesh`` (:func:`data_mesh`); ``jit``
+partitions the computation. Over several hosts, call
+``jax.distributed.initialize()`` first (the ``equijax train --distributed``
+flag does); each host then feeds its own shards.
 """
 
 from __future__ import annotations
@@ -11,16 +20,18 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from equijax import physics
 
 
 class LossWeights(NamedTuple):
-    """Weights of the loss terms (each a mean squared error).
+    """Weights of the mean squared errors in the loss.
 
-    ``energy`` weighs the per-atom energy error (eV/atom)², ``forces`` the
-    force-component error (eV/Å)², ``stress`` the stress error (eV/Å³)².
+    ``energy``: per-atom energy error, (eV/atom)²; ``forces``: force
+    components, (eV/Å)²; ``stress``: stress components, (eV/Å³)².
     """
 
     energy: float = 1.0
@@ -28,49 +39,367 @@ class LossWeights(NamedTuple):
     stress: float = 0.0
 
 
-def loss_fn(energy_fn, weights: LossWeights = LossWeights()):
-    """``(params, graph) -> (loss, metrics)`` over the real graphs of a batch."""
-    need_stress = weights.stress > 0
-    derive = physics.energy_forces_stress(energy_fn) if need_stress else physics.energy_and_forces(energy_fn)
+def _errors(energy_fn, with_stress):
+    """``(params, graph) -> dict`` of summed absolute and squared errors and counts."""
+    derive = physics.energy_forces_stress(energy_fn) if with_stress else physics.energy_and_forces(energy_fn)
 
     def fn(params, graph):
         out = derive(params, graph)
-        energy, forces = out[0], out[1]
-        gmask = graph.globals["mask"]
-        nmask = graph.nodes["mask"]
-        n_atoms = jnp.maximum(graph.n_node, 1)
-        n_graphs = jnp.maximum(gmask.sum(), 1)
-        de = jnp.where(gmask, (energy - graph.globals["energy"]) / n_atoms, 0.0)
-        df = jnp.where(nmask[:, None], forces - graph.nodes["forces"], 0.0)
-        e_mse = (de**2).sum() / n_graphs
-        f_mse = (df**2).sum() / jnp.maximum(3 * nmask.sum(), 1)
-        loss = weights.energy * e_mse + weights.forces * f_mse
-        metrics = {"energy_mse": e_mse, "forces_mse": f_mse}
-        if need_stress:
+        gmask, nmask = graph.globals["mask"], graph.nodes["mask"]
+        de = jnp.where(gmask, (out[0] - graph.globals["energy"]) / jnp.maximum(graph.n_node, 1), 0.0)
+        df = jnp.where(nmask[:, None], out[1] - graph.nodes["forces"], 0.0)
+        sums = {
+            "energy_sq": (de**2).sum(), "energy_abs": jnp.abs(de).sum(), "n_graphs": gmask.sum(),
+            "forces_sq": (df**2).sum(), "forces_abs": jnp.abs(df).sum(), "n_force": 3 * nmask.sum(),
+        }
+        if with_stress:
             ds = jnp.where(gmask[:, None, None], out.stress - graph.globals["stress"], 0.0)
-            s_mse = (ds**2).sum() / (9 * n_graphs)
+            sums.update(stress_sq=(ds**2).sum(), stress_abs=jnp.abs(ds).sum(), n_stress=9 * gmask.sum())
+        return sums
+
+    return fn
+
+
+def _summed(errors, params, stacked):
+    per_shard = jax.vmap(errors, in_axes=(None, 0))(params, stacked)
+    return jax.tree_util.tree_map(lambda x: x.sum(0), per_shard)
+
+
+def loss_fn(energy_fn, weights: LossWeights = LossWeights()):
+    """``(params, stacked_graph) -> (loss, metrics)``."""
+    errors = _errors(energy_fn, weights.stress > 0)
+
+    def fn(params, stacked):
+        s = _summed(errors, params, stacked)
+        e_mse = s["energy_sq"] / jnp.maximum(s["n_graphs"], 1)
+        f_mse = s["forces_sq"] / jnp.maximum(s["n_force"], 1)
+        loss = weights.energy * e_mse + weights.forces * f_mse
+        metrics = {"energy_rmse": jnp.sqrt(e_mse), "forces_rmse": jnp.sqrt(f_mse)}
+        if weights.stress > 0:
+            s_mse = s["stress_sq"] / jnp.maximum(s["n_stress"], 1)
             loss = loss + weights.stress * s_mse
-            metrics["stress_mse"] = s_mse
+            metrics["stress_rmse"] = jnp.sqrt(s_mse)
         metrics["loss"] = loss
         return loss, metrics
 
     return fn
 
 
+def optimizer(learning_rate=5e-3, warmup_steps=100, total_steps=10_000, schedule="cosine",
+              clip_norm=10.0) -> optax.GradientTransformation:
+    """Adam with linear warm-up, then cosine decay (or constant), and clipping.
+
+    The learning rate is an injected hyperparameter, so a host-side
+    reduce-on-plateau (:class:`Plateau`) can scale it between steps.
+    """
+    if schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
+                                                max(total_steps, warmup_steps + 1), learning_rate * 0.01)
+    elif schedule in ("constant", "plateau"):
+        lr = optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}: use 'cosine', 'constant' or 'plateau'")
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.scale_by_adam(),
+        optax.inject_hyperparams(optax.scale)(step_size=1.0),  # the plateau factor
+        optax.scale_by_learning_rate(lr),
+    )
+
+
+def set_lr_factor(opt_state, factor: float):
+    """Set the reduce-on-plateau factor inside an :func:`optimizer` state."""
+    scale_state = opt_state[2]
+    hp = dict(scale_state.hyperparams)
+    hp["step_size"] = jnp.asarray(factor, hp["step_size"].dtype)
+    return opt_state[:2] + (scale_state._replace(hyperparams=hp),) + opt_state[3:]
+
+
+def lr_factor(opt_state) -> float:
+    return float(opt_state[2].hyperparams["step_size"])
+
+
 class TrainState(NamedTuple):
     params: object
+    ema_params: object
     opt_state: object
     step: jax.Array
 
 
-def train_step(energy_fn, optimizer: optax.GradientTransformation, weights: LossWeights = LossWeights()):
-    """``(state, graph) -> (state, metrics)``: one gradient step (jit it)."""
+def init_state(params, opt: optax.GradientTransformation) -> TrainState:
+    ema = jax.tree_util.tree_map(jnp.copy, params)  # its own buffers: the step donates both
+    return TrainState(params, ema, opt.init(params), jnp.zeros((), jnp.int32))
+
+
+def train_step(energy_fn, opt: optax.GradientTransformation, weights: LossWeights = LossWeights(),
+               ema_decay: float = 0.99):
+    """``(state, stacked_graph) -> (state, metrics)``: one step (jit it)."""
     loss = loss_fn(energy_fn, weights)
 
-    def fn(state: TrainState, graph):
-        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, graph)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    def fn(state: TrainState, stacked):
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, stacked)
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1), metrics
+        # warm the EMA up: short runs should not be dominated by the initial weights
+        decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return TrainState(params, ema, opt_state, state.step + 1), metrics
 
     return fn
+
+
+def evaluator(energy_fn, with_stress: bool = False):
+    """``(params, stacked_graph) -> dict`` of summed errors (jit it); see :func:`metrics`."""
+    errors = _errors(energy_fn, with_stress)
+    return lambda params, stacked: _summed(errors, params, stacked)
+
+
+def metrics(sums: dict) -> dict:
+    """MAE and RMSE from summed errors: meV/atom, meV/Å, meV/Å³."""
+    out = {}
+    for key, count in (("energy", "n_graphs"), ("forces", "n_force"), ("stress", "n_stress")):
+        if key + "_sq" in sums:
+            n = max(float(sums[count]), 1.0)
+            out[f"{key}_mae"] = 1000 * float(sums[key + "_abs"]) / n
+            out[f"{key}_rmse"] = 1000 * float(np.sqrt(float(sums[key + "_sq"]) / n))
+    return out
+
+
+def evaluate(energy_fn, params, dataset, with_stress: bool = False, mesh: Mesh | None = None) -> dict:
+    """Metrics of ``params`` over a whole :class:`equijax.data.Dataset`."""
+    fn = jax.jit(evaluator(energy_fn, with_stress))
+    total = None
+    for batch in dataset.batches():
+        if mesh is not None:
+            batch = shard(batch, mesh)
+        sums = jax.device_get(fn(params, batch))
+        total = sums if total is None else jax.tree_util.tree_map(lambda a, b: a + b, total, sums)
+    return metrics(total)
+
+
+class Plateau:
+    """Host-side reduce-on-plateau and early stopping on a validation metric."""
+
+    def __init__(self, patience: int = 5, factor: float = 0.5, min_factor: float = 1e-3, stop_patience: int = 15):
+        self.patience, self.factor, self.min_factor, self.stop_patience = patience, factor, min_factor, stop_patience
+        self.best = float("inf")
+        self.bad = 0
+        self.since_best = 0
+
+    def update(self, value: float, lr_factor_now: float) -> tuple[float, bool, bool]:
+        """Returns ``(new_lr_factor, improved, stop)``."""
+        if value < self.best:
+            self.best, self.bad, self.since_best = value, 0, 0
+            return lr_factor_now, True, False
+        self.bad += 1
+        self.since_best += 1
+        if self.bad >= self.patience:
+            lr_factor_now = max(lr_factor_now * self.factor, self.min_factor)
+            self.bad = 0
+        return lr_factor_now, False, self.since_best >= self.stop_patience
+
+    def state_dict(self):
+        return {"best": self.best, "bad": self.bad, "since_best": self.since_best}
+
+    def load_state_dict(self, d):
+        self.best, self.bad, self.since_best = d["best"], d["bad"], d["since_best"]
+
+
+# ------------------------------------------------------------------ sharding
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh named ``"data"`` over all (global) devices."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices, ("data",))
+
+
+def replicate(tree, mesh: Mesh):
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard(stacked, mesh: Mesh):
+    """Split a stacked batch's leading (shard) axis over the mesh.
+
+    On one host the batch holds every shard; on several, each host passes
+    its local shards and they are assembled into one global array.
+    """
+    sharding = NamedSharding(mesh, P("data"))
+    if jax.process_count() == 1:
+        return jax.device_put(stacked, sharding)
+    return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), stacked)
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def fit(config: dict, output, resume: bool = True, progress: bool = True, log=print) -> dict:
+    """Train a NequIP potential as ``config`` says (see ``equijax/configs/default.yaml``).
+
+    Writes into ``output``: ``checkpoint.pkl`` (latest, for resuming),
+    ``best.pkl`` (best validation), ``metrics.jsonl`` (one line per
+    evaluation) and ``learning_curve.png``. Restarting with the same
+    ``output`` resumes from ``checkpoint.pkl`` and reproduces an
+    uninterrupted run: the data order is a function of (seed, epoch).
+
+    Returns:
+        dict with the test metrics of the best EMA parameters and paths.
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from equijax import checkpoint, config as config_lib, data as data_lib, io
+    from equijax.models import NequIPConfig, nequip
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    dc, tc = config["data"], config["train"]
+    ckpt_path = output / "checkpoint.pkl"
+    resumed = checkpoint.load(ckpt_path) if resume and ckpt_path.exists() else None
+
+    structures = io.read_many(config_lib.data_paths(dc["train"]))
+    rng = np.random.default_rng(tc.get("seed", 0))
+    order = rng.permutation(len(structures))
+    n_valid = max(1, int(round(dc.get("valid_fraction", 0.1) * len(structures))))
+    if dc.get("max_train"):
+        order = np.concatenate([order[:n_valid], order[n_valid : n_valid + int(dc["max_train"])]])
+    valid = [structures[i] for i in order[:n_valid]]
+    train = [structures[i] for i in order[n_valid:]]
+
+    if resumed is not None:
+        model_cfg = NequIPConfig.from_dict(resumed["config"])
+        log(f"resuming from {ckpt_path} at step {int(resumed['step'])}")
+    else:
+        base = NequIPConfig.from_dict({**NequIPConfig().to_dict(), **config.get("model", {}),
+                                       "species": (1,)})
+        stats = data_lib.statistics(train, base.cutoff, dc.get("species"))
+        model_cfg = base.replace(species=stats.species, energy_shift=stats.energy_shift,
+                                 energy_scale=stats.energy_scale, avg_num_neighbours=stats.avg_num_neighbours)
+        log(f"{len(train)} training, {len(valid)} validation frames; species {list(stats.species)}; "
+            f"avg neighbours {stats.avg_num_neighbours:.1f}; force RMS {stats.force_rms:.3f} eV/Å")
+    model = nequip(model_cfg)
+    mesh = data_mesh()
+    dtype = np.float64 if model_cfg.dtype == "float64" else np.float32
+    bs = int(tc.get("batch_size", 16))
+    train_set = data_lib.Dataset(train, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
+    valid_set = data_lib.Dataset(valid, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
+    steps_per_epoch = max(train_set.num_batches(drop_last=True), 1)
+    max_steps = int(tc.get("max_steps", 1000))
+    weights = LossWeights(**tc.get("weights", {}))
+    with_stress = weights.stress > 0
+    opt = optimizer(float(tc.get("learning_rate", 5e-3)), int(tc.get("warmup_steps", 50)), max_steps,
+                    tc.get("schedule", "cosine"), float(tc.get("clip_norm", 10.0)))
+    plateau = Plateau(int(tc.get("plateau_patience", 5)), float(tc.get("plateau_factor", 0.5)),
+                      stop_patience=int(tc.get("early_stopping_patience", 20)))
+
+    if resumed is not None:
+        state = jax.tree_util.tree_map(jnp.asarray, TrainState(resumed["params"], resumed["ema_params"],
+                                                               _restore_opt_state(opt, resumed), resumed["step"]))
+        plateau.load_state_dict(resumed["plateau"])
+    else:
+        state = init_state(model.init(jax.random.PRNGKey(int(tc.get("seed", 0)))), opt)
+    state = replicate(state, mesh)
+    step_fn = jax.jit(train_step(model.energy, opt, weights, float(tc.get("ema_decay", 0.99))), donate_argnums=0)
+    eval_fn = jax.jit(evaluator(model.energy, with_stress))
+    eval_every = int(tc.get("eval_every", 100))
+
+    def validate(params):
+        total = None
+        for batch in valid_set.batches():
+            sums = jax.device_get(eval_fn(params, shard(batch, mesh)))
+            total = sums if total is None else jax.tree_util.tree_map(lambda a, b: a + b, total, sums)
+        return metrics(total)
+
+    def save(path, extra=None):
+        checkpoint.save(path, config=model_cfg.to_dict(), params=state.params, ema_params=state.ema_params,
+                        opt_state=jax.tree_util.tree_leaves(state.opt_state), step=state.step,
+                        plateau=plateau.state_dict(), run_config=config, **(extra or {}))
+
+    metrics_path = output / "metrics.jsonl"
+    step = int(state.step)
+    if resumed is None and metrics_path.exists():
+        metrics_path.unlink()
+    t0 = time.time()
+    bar = tqdm(total=max_steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True,
+               mininterval=1.0)
+    stop = False
+    while step < max_steps and not stop:
+        epoch, skip = divmod(step, steps_per_epoch)
+        for k, batch in enumerate(train_set.batches(shuffle=True, seed=int(tc.get("seed", 0)) * 100_003 + epoch,
+                                                    drop_last=True)):
+            if k < skip:
+                continue
+            state, m = step_fn(state, shard(batch, mesh))
+            step += 1
+            if step % 10 == 0 or step == max_steps:
+                m = jax.device_get(m)
+                bar.set_postfix(loss=f"{float(m['loss']):.4f}", F_rmse=f"{1000 * float(m['forces_rmse']):.0f} meV/Å",
+                                lr=f"{lr_factor(state.opt_state):.2g}×")
+            bar.update(1)
+            if step % eval_every == 0 or step == max_steps:
+                v = validate(state.ema_params)
+                factor, improved, stop = plateau.update(v["forces_rmse"] + v["energy_rmse"], lr_factor(state.opt_state))
+                if tc.get("schedule", "cosine") == "plateau":
+                    state = state._replace(opt_state=set_lr_factor(state.opt_state, factor))
+                record = {"step": step, "epoch": step / steps_per_epoch, "time_s": time.time() - t0,
+                          "train_loss": float(jax.device_get(m["loss"])), **{f"valid_{k}": x for k, x in v.items()}}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.write(f"step {step:6d}  valid: E MAE {v['energy_mae']:.2f} meV/atom, "
+                          f"F MAE {v['forces_mae']:.1f} meV/Å")
+                if improved:
+                    save(output / "best.pkl")
+                save(ckpt_path)
+            if step >= max_steps or stop:
+                break
+    bar.close()
+    if stop:
+        log(f"early stopping at step {step}: no validation improvement for {plateau.stop_patience} evaluations")
+
+    plot_learning_curve(metrics_path, output / "learning_curve.png")
+    result = {"steps": step, "train_time_s": time.time() - t0, "output": str(output)}
+    if dc.get("test"):
+        best_model, best_params, _ = checkpoint.load_model(output / "best.pkl")
+        test = io.read_many(config_lib.data_paths(dc["test"]))
+        test_set = data_lib.Dataset(test, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
+        result["test"] = evaluate(best_model.energy, best_params, test_set, with_stress, mesh)
+        forces = np.concatenate([s.labels["forces"].ravel() for s in test])
+        result["test"]["zero_force_mae"] = 1000 * float(np.abs(forces).mean())
+        result["n_test"] = len(test)
+    with open(output / "result.json", "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def _restore_opt_state(opt, payload):
+    """Rebuild the optimiser state pytree from the saved leaves."""
+    template = opt.init(jax.tree_util.tree_map(jnp.asarray, payload["params"]))
+    treedef = jax.tree_util.tree_structure(template)
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in payload["opt_state"]])
+
+
+def plot_learning_curve(metrics_path, png_path):
+    """Validation MAEs against steps (PNG)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in open(metrics_path)] if metrics_path.exists() else []
+    if not rows:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    steps = [r["step"] for r in rows]
+    ax[0].plot(steps, [r["valid_energy_mae"] for r in rows], "o-")
+    ax[0].set(xlabel="step", ylabel="energy MAE (meV/atom)", yscale="log", title="validation, EMA params")
+    ax[1].plot(steps, [r["valid_forces_mae"] for r in rows], "o-", color="C1")
+    ax[1].set(xlabel="step", ylabel="force MAE (meV/Å)", yscale="log")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

@@ -99,9 +99,10 @@ def _equijax_setup(workload, structures):
     )
     opt = optax.adam(1e-3)
     step = jax.jit(training.train_step(model.energy, opt))
+    stacked = eq.graph.stack_graphs([graph])  # one data shard
 
     def make(p):
-        return step, (training.TrainState(p, opt.init(p), jax.numpy.zeros((), "int32")), graph)
+        return step, (training.init_state(p, opt), stacked)
 
     return init, make
 

@@ -1,0 +1,152 @@
+"""The ``equijax`` command line.
+
+    equijax train [CONFIG.yaml] [key=value ...]   train a potential (default config ships with the package)
+    equijax evaluate CHECKPOINT DATA [DATA ...]   metrics table and parity plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  equijax train                                   # default: ethanol + aspirin (GFN2-xTB), a few CPU minutes
+  equijax train train.max_steps=200 output=runs/quick
+  equijax train my.yaml model.l_max=2 model.channels=32 train.batch_size=32
+  equijax evaluate runs/default/best.pkl equijax/data/aspirin_test.xyz
+
+units: energies eV, forces eV/Å, stress eV/Å³; MAEs are printed in meV/atom and meV/Å.
+"""
+
+
+def _train(args):
+    from equijax import config as config_lib, training
+
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()  # reads the cluster from the environment (SLURM, Open MPI, ...)
+    overrides = list(args.overrides)
+    config_path = args.config
+    if config_path and "=" in config_path:
+        overrides.insert(0, config_path)
+        config_path = None
+    config = config_lib.load(config_path, overrides)
+    output = Path(config.pop("output", None) or args.output)
+    result = training.fit(config, output, resume=not args.restart, progress=not args.no_progress)
+    print()
+    print(f"trained {result['steps']} steps in {result['train_time_s']:.0f} s; outputs in {output}/")
+    if "test" in result:
+        t = result["test"]
+        print(f"test set ({result['n_test']} frames, best EMA parameters):")
+        print(f"  energy MAE {t['energy_mae']:8.2f} meV/atom   RMSE {t['energy_rmse']:8.2f}")
+        print(f"  force  MAE {t['forces_mae']:8.1f} meV/Å      RMSE {t['forces_rmse']:8.1f}")
+        if "stress_mae" in t:
+            print(f"  stress MAE {t['stress_mae']:8.3f} meV/Å³     RMSE {t['stress_rmse']:8.3f}")
+        print(f"  (predicting zero forces: MAE {t['zero_force_mae']:.1f} meV/Å, "
+              f"{t['zero_force_mae'] / t['forces_mae']:.1f}× worse)")
+
+
+def _evaluate(args):
+    import jax
+    import numpy as np
+
+    from equijax import checkpoint, data as data_lib, io, physics
+
+    model, params, _ = checkpoint.load_model(args.checkpoint)
+    cfg = model.config
+    out = Path(args.output or Path(args.checkpoint).with_suffix("").as_posix() + "_eval")
+    out.mkdir(parents=True, exist_ok=True)
+    derive = jax.jit(jax.vmap(physics.energy_forces_stress(model.energy), in_axes=(None, 0)))
+    rows = []
+    for path in args.data:
+        structures = io.read(path, species=cfg.species)
+        ds = data_lib.Dataset(structures, cfg.cutoff, args.batch_size, cfg.species, 1,
+                              np.float64 if cfg.dtype == "float64" else np.float32)
+        e_ref, e_pred, f_ref, f_pred, n_atoms = [], [], [], [], []
+        for batch in ds.batches():
+            res = jax.device_get(derive(params, batch))
+            g = jax.device_get(batch)
+            gm, nm = g.globals["mask"][0], g.nodes["mask"][0]
+            e_ref += list(g.globals["energy"][0][gm]); e_pred += list(res.energy[0][gm])
+            n_atoms += list(g.n_node[0][gm])
+            f_ref.append(g.nodes["forces"][0][nm]); f_pred.append(res.forces[0][nm])
+        e_ref, e_pred, n_atoms = np.array(e_ref), np.array(e_pred), np.array(n_atoms)
+        f_ref, f_pred = np.concatenate(f_ref), np.concatenate(f_pred)
+        de = (e_pred - e_ref) / n_atoms
+        df = f_pred - f_ref
+        row = {"data": str(path), "frames": len(e_ref),
+               "energy_mae_meV_atom": 1000 * np.abs(de).mean(), "energy_rmse_meV_atom": 1000 * np.sqrt((de**2).mean()),
+               "forces_mae_meV_A": 1000 * np.abs(df).mean(), "forces_rmse_meV_A": 1000 * np.sqrt((df**2).mean()),
+               "zero_force_mae_meV_A": 1000 * np.abs(f_ref).mean()}
+        rows.append(row)
+        _parity_plot(e_ref / n_atoms, e_pred / n_atoms, f_ref.ravel(), f_pred.ravel(),
+                     out / (Path(path).stem + "_parity.png"), Path(path).stem)
+    print(f"{'data':40s} {'frames':>6s} {'E MAE':>10s} {'E RMSE':>10s} {'F MAE':>10s} {'F RMSE':>10s}")
+    print(f"{'':40s} {'':>6s} {'meV/atom':>10s} {'meV/atom':>10s} {'meV/Å':>10s} {'meV/Å':>10s}")
+    for r in rows:
+        print(f"{Path(r['data']).name:40s} {r['frames']:6d} {r['energy_mae_meV_atom']:10.2f} "
+              f"{r['energy_rmse_meV_atom']:10.2f} {r['forces_mae_meV_A']:10.1f} {r['forces_rmse_meV_A']:10.1f}")
+    (out / "metrics.json").write_text(json.dumps(rows, indent=1))
+    print(f"parity plots and metrics.json in {out}/")
+
+
+def _parity_plot(e_ref, e_pred, f_ref, f_pred, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(1, 2, figsize=(9, 4))
+    for a, (x, y, label) in zip(ax, ((e_ref, e_pred, "energy (eV/atom)"), (f_ref, f_pred, "force component (eV/Å)"))):
+        a.plot(x, y, ".", ms=2, alpha=0.5)
+        lo, hi = np.min([x.min(), y.min()]), np.max([x.max(), y.max()])
+        a.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        a.set(xlabel=f"reference {label}", ylabel=f"predicted {label}", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="equijax", description="E(3)-equivariant interatomic potentials in JAX.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a potential from a YAML config",
+                       description="Train a NequIP potential. With no CONFIG the shipped default "
+                                   "(equijax/configs/default.yaml) trains on the bundled GFN2-xTB data. "
+                                   "A run resumes from OUTPUT/checkpoint.pkl if it exists.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", nargs="?", help="YAML config (default: the shipped default.yaml)")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=500")
+    t.add_argument("--output", default="runs/default", help="run folder (default: runs/default)")
+    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    t.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host data parallel)")
+    t.set_defaults(func=_train)
+    e = sub.add_parser("evaluate", help="metrics and parity plots of a checkpoint on data files",
+                       description="Evaluate a checkpoint (its EMA parameters) on labelled data files "
+                                   "(.xyz/.extxyz, rMD17 .npz, ASE .db).")
+    e.add_argument("checkpoint")
+    e.add_argument("data", nargs="+")
+    e.add_argument("--output", help="folder for plots and metrics.json (default: next to the checkpoint)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.set_defaults(func=_evaluate)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"equijax: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Reference data from real methods: GFN2-xTB molecular dynamics and EMT metals.
+
+Molecules (rMD17 style): geometry from SMILES (RDKit, MMFF), then Langevin MD
+at 500 K with GFN2-xTB forces (tblite), a frame every ``--stride`` steps
+after ``--equilibrate`` steps. Training frames and test frames come from two
+separate trajectories (different seeds and starting velocities). Each frame
+stores the GFN2-xTB energy (eV), forces (eV/Å) and dipole (e·Å; tblite
+returns e·Å although its docstring says Debye).
+
+Metals: ASE's EMT for Cu, Ni and a random Cu/Ni alloy, fcc supercells
+(32 atoms) under random strains of up to ±3%, Langevin MD at 300, 600 and
+900 K; energy, forces and stress (eV/Å³, ASE sign convention).
+
+Outputs extended XYZ files ``{name}_train.xyz`` and ``{name}_test.xyz``.
+
+The default set shipped in ``equijax/data`` (ethanol and aspirin, 500 train +
+100 test frames each; EMT Cu, Ni and CuNi, 20 train + 5 test frames per system
+and temperature)
+was made by::
+
+    python experiments/make_data.py --out equijax/data
+
+which takes about 4 minutes on 2 cores. Larger sets, e.g. for learning
+curves (about 1 minute per 1000 aspirin frames per core)::
+
+    python experiments/make_data.py --out data/large --molecules aspirin --train 2000 --test 500 --no-metals
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per process: faster for small molecules
+
+import numpy as np
+
+SMILES = {
+    "ethanol": "CCO",
+    "aspirin": "CC(=O)OC1=CC=CC=C1C(=O)O",
+    "malonaldehyde": "O=CC=CO",
+    "toluene": "Cc1ccccc1",
+    "uracil": "O=C1C=CNC(=O)N1",
+    "naphthalene": "c1ccc2ccccc2c1",
+    "salicylic_acid": "O=C(O)c1ccccc1O",
+    "benzene": "c1ccccc1",
+    "paracetamol": "CC(=O)Nc1ccc(O)cc1",
+    "azobenzene": "c1ccc(cc1)/N=N/c1ccccc1",
+}
+
+
+def from_smiles(smiles: str, seed: int = 0):
+    """ASE Atoms of an MMFF-optimised conformer (RDKit), nothing downloaded."""
+    from ase import Atoms
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    if AllChem.EmbedMolecule(mol, randomSeed=seed) != 0:
+        raise RuntimeError(f"RDKit could not embed {smiles}")
+    AllChem.MMFFOptimizeMolecule(mol)
+    pos = mol.GetConformer().GetPositions()
+    return Atoms([a.GetSymbol() for a in mol.GetAtoms()], positions=pos)
+
+
+def _frozen_copy(atoms):
+    """A copy holding the calculator's results as a SinglePointCalculator."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    copy = atoms.copy()
+    copy.arrays.pop("momenta", None)  # labels only
+    results = {k: np.copy(v) for k, v in atoms.calc.results.items() if k in ("energy", "forces", "stress", "dipole")}
+    copy.calc = SinglePointCalculator(copy, **results)
+    return copy
+
+
+def run_md(atoms, calc, temperature, n_frames, stride, equilibrate, seed, timestep_fs=0.5, friction=0.01, label=""):
+    """Langevin MD; returns ``n_frames`` labelled frames, one every ``stride`` steps."""
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+    from tqdm import tqdm
+
+    atoms = atoms.copy()
+    atoms.calc = calc
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    Stationary(atoms)
+    if not atoms.pbc.any():
+        ZeroRotation(atoms)
+    dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature, friction=friction / units.fs, rng=rng)
+    dyn.run(equilibrate)
+    frames = []
+    for _ in tqdm(range(n_frames), desc=label, leave=False, mininterval=5):
+        dyn.run(stride)
+        atoms.get_forces()
+        frames.append(_frozen_copy(atoms))
+    return frames
+
+
+def molecule_job(args):
+    name, n_train, n_test, stride, equilibrate, out = args
+    import ase.io
+    from tblite.ase import TBLite
+
+    t0 = time.time()
+    start = from_smiles(SMILES[name])
+    for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
+        calc = TBLite(method="GFN2-xTB", verbosity=0)
+        frames = run_md(start, calc, 500.0, n, stride, equilibrate, seed, label=f"{name} {split}")
+        ase.io.write(Path(out) / f"{name}_{split}.xyz", frames, format="extxyz")
+    return f"{name}: {n_train}+{n_test} frames, {time.time() - t0:.0f} s"
+
+
+def metals_job(args):
+    n_train, n_test, stride, equilibrate, out, seed = args
+    import ase.io
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    t0 = time.time()
+    rng = np.random.default_rng(seed)
+    systems = {"Cu": bulk("Cu", "fcc", a=3.61, cubic=True), "Ni": bulk("Ni", "fcc", a=3.52, cubic=True)}
+    alloy = bulk("Cu", "fcc", a=3.57, cubic=True) * (2, 2, 2)
+    alloy.numbers[rng.permutation(len(alloy))[: len(alloy) // 2]] = 28
+    splits = {"train": [], "test": []}
+    for split, n in (("train", n_train), ("test", n_test)):
+        for name, atoms in list(systems.items()) + [("CuNi", alloy)]:
+            atoms = atoms * (2, 2, 2) if len(atoms) < 32 else atoms.copy()
+            for temperature in (300.0, 600.0, 900.0):
+                # a fresh random strain for every few frames: stress labels that vary
+                frames = []
+                while len(frames) < n:
+                    strained = atoms.copy()
+                    eps = rng.uniform(-0.03, 0.03, (3, 3))
+                    strained.set_cell(strained.cell.array @ (np.eye(3) + 0.5 * (eps + eps.T)), scale_atoms=True)
+                    frames += run_md(strained, EMT(), temperature, min(10, n - len(frames)), stride, equilibrate,
+                                     int(rng.integers(1 << 30)), timestep_fs=2.0, friction=0.02, label=f"{name} {split}")
+                splits[split] += frames
+    for split, frames in splits.items():
+        ase.io.write(Path(out) / f"metals_{split}.xyz", frames, format="extxyz")
+    return f"metals (EMT Cu, Ni, CuNi): {len(splits['train'])}+{len(splits['test'])} frames, {time.time() - t0:.0f} s"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("equijax/data"), help="output folder")
+    parser.add_argument("--molecules", nargs="+", default=["ethanol", "aspirin"], choices=sorted(SMILES))
+    parser.add_argument("--train", type=int, default=500, help="training frames per molecule")
+    parser.add_argument("--test", type=int, default=100, help="test frames per molecule")
+    parser.add_argument("--stride", type=int, default=20, help="MD steps (0.5 fs) between frames")
+    parser.add_argument("--equilibrate", type=int, default=1000, help="MD steps before the first frame")
+    parser.add_argument("--no-metals", action="store_true", help="skip the EMT metal set")
+    parser.add_argument("--metal-train", type=int, default=20, help="metal frames per system and temperature (train)")
+    parser.add_argument("--metal-test", type=int, default=5, help="metal frames per system and temperature (test)")
+    parser.add_argument("--processes", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    jobs = [(molecule_job, (m, args.train, args.test, args.stride, args.equilibrate, args.out)) for m in args.molecules]
+    if not args.no_metals:
+        jobs.append((metals_job, (args.metal_train, args.metal_test, 10, 200, args.out, 0)))
+    t0 = time.time()
+    with Pool(args.processes) as pool:
+        results = [pool.apply_async(fn, (a,)) for fn, a in jobs]
+        for r in results:
+            print(r.get(), flush=True)
+    print(f"done in {time.time() - t0:.0f} s; files in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
