@@ -143,7 +143,7 @@ def train_step(energy_fn, opt: optax.GradientTransformation, weights: LossWeight
         # warm the EMA up: short runs should not be dominated by the initial weights
         decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return TrainState(params, ema, opt_state, state.step + 1), metrics
 
     return fn
@@ -234,7 +234,7 @@ def shard(stacked, mesh: Mesh):
 # ------------------------------------------------------------------ the loop
 
 
-def fit(config: dict, output, resume: bool = True, progress: bool = True, log=print) -> dict:
+def fit(config: dict, output, resume: bool = True, progress: bool = True, log=print, callback=None) -> dict:
     """Train a NequIP potential as ``config`` says (see ``equijax/configs/default.yaml``).
 
     Writes into ``output``: ``checkpoint.pkl`` (latest, for resuming),
@@ -242,6 +242,9 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     evaluation) and ``learning_curve.png``. Restarting with the same
     ``output`` resumes from ``checkpoint.pkl`` and reproduces an
     uninterrupted run: the data order is a function of (seed, epoch).
+
+    ``callback(step, state)``, if given, runs after every step (tests use it
+    to simulate a kill).
 
     Returns:
         dict with the test metrics of the best EMA parameters and paths.
@@ -340,6 +343,8 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                 bar.set_postfix(loss=f"{float(m['loss']):.4f}", F_rmse=f"{1000 * float(m['forces_rmse']):.0f} meV/Å",
                                 lr=f"{lr_factor(state.opt_state):.2g}×")
             bar.update(1)
+            if callback is not None:
+                callback(step, state)
             if step % eval_every == 0 or step == max_steps:
                 v = validate(state.ema_params)
                 factor, improved, stop = plateau.update(v["forces_rmse"] + v["energy_rmse"], lr_factor(state.opt_state))
