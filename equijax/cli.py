@@ -78,9 +78,11 @@ def _evaluate(args):
         de = (e_pred - e_ref) / n_atoms
         df = f_pred - f_ref
         row = {"data": str(path), "frames": len(e_ref),
-               "energy_mae_meV_atom": 1000 * np.abs(de).mean(), "energy_rmse_meV_atom": 1000 * np.sqrt((de**2).mean()),
-               "forces_mae_meV_A": 1000 * np.abs(df).mean(), "forces_rmse_meV_A": 1000 * np.sqrt((df**2).mean()),
-               "zero_force_mae_meV_A": 1000 * np.abs(f_ref).mean()}
+               "energy_mae_meV_atom": 1000 * float(np.abs(de).mean()),
+               "energy_rmse_meV_atom": 1000 * float(np.sqrt((de**2).mean())),
+               "forces_mae_meV_A": 1000 * float(np.abs(df).mean()),
+               "forces_rmse_meV_A": 1000 * float(np.sqrt((df**2).mean())),
+               "zero_force_mae_meV_A": 1000 * float(np.abs(f_ref).mean())}
         rows.append(row)
         _parity_plot(e_ref / n_atoms, e_pred / n_atoms, f_ref.ravel(), f_pred.ravel(),
                      out / (Path(path).stem + "_parity.png"), Path(path).stem)

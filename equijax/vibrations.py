@@ -1,0 +1,158 @@
+"""Vibrational analysis from autodiff Hessians: frequencies, modes, thermochemistry.
+
+    result = vibrate(model, params, atoms, relax=True)
+    result.frequencies_cm        # (3N - 6,) cm⁻¹ (imaginary ones negative)
+    result.vibrations            # ase.vibrations.VibrationsData (modes, ZPE, Jmol output)
+    result.thermo(300.0)         # dict: ZPE, enthalpy/entropy/Gibbs (molecules) or free energy (crystals)
+
+The Hessian is the exact second derivative of the potential (reverse-over-
+reverse autodiff, float64), mass-weighted, with rigid-body motions projected
+out: translations and rotations for molecules (five for linear ones),
+translations only for periodic systems. ASE's ``VibrationsData`` and
+thermochemistry classes do the rest.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase import units
+from ase.vibrations import VibrationsData
+
+from equijax import graph as graph_lib, physics
+
+def float64_model(model, params):
+    """The same potential evaluated in float64 (needs ``jax_enable_x64``).
+
+    Raises:
+        RuntimeError: float64 is not enabled in JAX.
+    """
+    from equijax.models import nequip
+
+    if not jax.config.jax_enable_x64:
+        raise RuntimeError("vibrational analysis needs float64: call "
+                           "jax.config.update('jax_enable_x64', True) before building graphs")
+    model64 = nequip(model.config.replace(dtype="float64"))
+    params64 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
+    return model64, params64
+
+
+def rigid_body_basis(positions: np.ndarray, masses: np.ndarray, periodic: bool) -> np.ndarray:
+    """Orthonormal basis (3N, k) of mass-weighted rigid-body motions.
+
+    Three translations, plus rotations about the centre of mass for
+    molecules; ``k`` is 6, 5 for linear molecules (found from the rank), or 3.
+    """
+    n = len(positions)
+    sqrt_m = np.sqrt(masses)
+    vectors = []
+    for axis in range(3):
+        t = np.zeros((n, 3))
+        t[:, axis] = 1.0
+        vectors.append((t * sqrt_m[:, None]).ravel())
+    if not periodic:
+        com = (masses[:, None] * positions).sum(0) / masses.sum()
+        r = positions - com
+        for axis in range(3):
+            e = np.zeros(3)
+            e[axis] = 1.0
+            vectors.append((np.cross(e, r) * sqrt_m[:, None]).ravel())
+    u, s, _ = np.linalg.svd(np.stack(vectors, axis=1), full_matrices=False)
+    return u[:, s > 1e-6 * s.max()]
+
+
+def project_hessian(hessian_2d: np.ndarray, atoms) -> tuple[np.ndarray, int]:
+    """Remove rigid-body motions from a (3N, 3N) Cartesian Hessian.
+
+    Returns:
+        ``(projected Cartesian Hessian, number of rigid-body modes)``;
+        the projection is done in mass-weighted coordinates.
+    """
+    masses = atoms.get_masses()
+    periodic = bool(np.any(atoms.pbc))
+    basis = rigid_body_basis(atoms.positions, masses, periodic)
+    p = np.eye(len(hessian_2d)) - basis @ basis.T
+    w = np.repeat(1.0 / np.sqrt(masses), 3)
+    mw = hessian_2d * w[:, None] * w[None, :]
+    mw = p @ mw @ p
+    mw = 0.5 * (mw + mw.T)
+    return mw / w[:, None] / w[None, :], basis.shape[1]
+
+
+class VibrationalResult(NamedTuple):
+    atoms: object
+    hessian: np.ndarray  # (3N, 3N) eV/Å², projected
+    n_rigid: int
+    vibrations: VibrationsData
+
+    @property
+    def frequencies_cm(self) -> np.ndarray:
+        """Vibrational frequencies (cm⁻¹), rigid-body modes dropped; imaginary as negative."""
+        f = self.vibrations.get_frequencies()
+        order = np.argsort(np.abs(f))
+        f = f[np.sort(order[self.n_rigid :])]
+        return np.where(np.abs(f.imag) > 0, -np.abs(f.imag), f.real)
+
+    @property
+    def energies_ev(self) -> np.ndarray:
+        """Vibrational quanta ħω (eV) of the modes in :attr:`frequencies_cm`."""
+        return self.frequencies_cm * units.invcm
+
+    def thermo(self, temperature: float = 298.15, pressure: float = 101325.0, symmetry_number: int = 1,
+               spin: float = 0.0) -> dict:
+        """Harmonic thermochemistry with ASE: ideal gas for molecules, harmonic for crystals (eV, eV/K)."""
+        from ase.thermochemistry import HarmonicThermo, IdealGasThermo
+
+        n_imaginary = int((self.frequencies_cm < 0).sum())
+        if n_imaginary:
+            raise ValueError(f"{n_imaginary} imaginary mode(s): not a minimum; relax the structure first")
+        energies = self.frequencies_cm * units.invcm
+        zpe = 0.5 * energies.sum()
+        potential = float(self.atoms.get_potential_energy()) if self.atoms.calc is not None else 0.0
+        if np.any(self.atoms.pbc):
+            t = HarmonicThermo(vib_energies=energies, potentialenergy=potential)
+            return {"zpe": zpe, "helmholtz": t.get_helmholtz_energy(temperature, verbose=False),
+                    "entropy": t.get_entropy(temperature, verbose=False)}
+        geometry = "linear" if self.n_rigid == 5 else "nonlinear"
+        t = IdealGasThermo(vib_energies=energies, geometry=geometry, potentialenergy=potential,
+                           atoms=self.atoms, symmetrynumber=symmetry_number, spin=spin)
+        return {"zpe": zpe, "enthalpy": t.get_enthalpy(temperature, verbose=False),
+                "entropy": t.get_entropy(temperature, pressure, verbose=False),
+                "gibbs": t.get_gibbs_energy(temperature, pressure, verbose=False)}
+
+
+def hessian_2d(model, params, atoms, batch_size: int | None = None) -> np.ndarray:
+    """(3N, 3N) Cartesian Hessian (eV/Å²) of one structure, dense or chunked."""
+    fn = physics.hessian(model.energy) if batch_size is None else physics.hessian_chunked(model.energy, batch_size)
+    g = graph_lib.build_graph([atoms], model.config.cutoff, species=model.config.species,
+                              dtype=np.dtype(model.config.dtype))
+    n = len(atoms)
+    h = np.asarray(jax.jit(fn)(params, g))[:n, :, :n, :]
+    return h.reshape(3 * n, 3 * n)
+
+
+def vibrate(model, params, atoms, relax: bool = False, fmax: float = 1e-3, batch_size: int | None = None,
+            steps: int = 500) -> VibrationalResult:
+    """Relax (optionally), then harmonic analysis of ``atoms`` in float64.
+
+    Args:
+        model, params: a potential (any dtype: it is re-evaluated in float64).
+        atoms: an ``ase.Atoms``; a copy is relaxed, the input is not changed.
+        relax: BFGS relaxation to ``fmax`` (eV/Å) first.
+        batch_size: Hessian columns per batch (memory-bounded); ``None``: dense.
+    """
+    from equijax.calculator import EquijaxCalculator
+
+    model64, params64 = float64_model(model, params)
+    atoms = atoms.copy()
+    atoms.calc = EquijaxCalculator(model=model64, params=params64)
+    if relax:
+        from ase.optimize import BFGS
+
+        BFGS(atoms, logfile=None).run(fmax=fmax, steps=steps)
+    h = hessian_2d(model64, params64, atoms, batch_size)
+    projected, n_rigid = project_hessian(h, atoms)
+    return VibrationalResult(atoms, projected, n_rigid, VibrationsData.from_2d(atoms, projected))

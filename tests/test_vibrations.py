@@ -1,0 +1,79 @@
+"""Vibrational analysis: autodiff vs finite differences, rigid-body projection, invariance."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import molecule
+from ase.vibrations import Vibrations
+
+import equijax
+from equijax import vibrations
+from equijax.calculator import EquijaxCalculator
+
+
+@pytest.fixture(scope="module")
+def model_params():
+    cfg = equijax.NequIPConfig(species=(1, 6, 8), cutoff=4.0, l_max=1, channels=4, n_layers=2,
+                               radial_hidden=(8,), dtype="float64")
+    model = equijax.nequip(cfg)
+    return model, model.init(jax.random.PRNGKey(2))
+
+
+def test_frequencies_match_ase_finite_differences(model_params, tmp_path):
+    model, params = model_params
+    atoms = molecule("CH3OH")
+    atoms.rattle(0.02, seed=0)
+    h = vibrations.hessian_2d(model, params, atoms)
+    ours = np.sort(np.abs(np.real_if_close(vibrations.VibrationsData.from_2d(atoms, h).get_frequencies())))
+    atoms.calc = EquijaxCalculator(model=model, params=params)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        vib = Vibrations(atoms, delta=1e-3, nfree=4)
+        vib.run()
+        fd = np.sort(np.abs(vib.get_vibrations().get_frequencies()))
+    finally:
+        os.chdir(cwd)
+    np.testing.assert_allclose(ours, fd, atol=0.5)  # cm⁻¹
+
+
+@pytest.mark.parametrize("name, n_rigid", [("CH3OH", 6), ("CO2", 5)])
+def test_rigid_body_modes_vanish_after_projection(model_params, name, n_rigid):
+    model, params = model_params
+    atoms = molecule(name)
+    result = vibrations.vibrate(model, params, atoms)
+    assert result.n_rigid == n_rigid
+    all_freqs = np.abs(result.vibrations.get_frequencies())
+    assert np.sort(all_freqs)[:n_rigid].max() < 1e-3
+    assert len(result.frequencies_cm) == 3 * len(atoms) - n_rigid
+
+
+def test_frequencies_invariant_under_rotation(model_params):
+    model, params = model_params
+    atoms = molecule("CH3OH")
+    rotated = atoms.copy()
+    rotated.rotate(73, (1, 2, 3), center="COM")
+    rotated.positions = -rotated.positions  # and an inversion
+    a = vibrations.vibrate(model, params, atoms).frequencies_cm
+    b = vibrations.vibrate(model, params, rotated).frequencies_cm
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_chunked_equals_dense_and_thermo_matches_ase(model_params):
+    model, params = model_params
+    atoms = molecule("H2O")
+    dense = vibrations.vibrate(model, params, atoms, relax=True, fmax=1e-4)
+    chunked = vibrations.vibrate(model, params, dense.atoms, batch_size=4)
+    np.testing.assert_allclose(dense.hessian, chunked.hessian, atol=1e-10)
+    t = dense.thermo(300.0)
+    positive = dense.frequencies_cm
+    assert np.all(positive > 0)
+    assert t["zpe"] == pytest.approx(0.5 * (positive * vibrations.units.invcm).sum(), rel=1e-12)
+    from ase.thermochemistry import IdealGasThermo
+
+    ref = IdealGasThermo(vib_energies=positive * vibrations.units.invcm, geometry="nonlinear",
+                         potentialenergy=dense.atoms.get_potential_energy(), atoms=dense.atoms, symmetrynumber=1, spin=0)
+    assert t["gibbs"] == pytest.approx(ref.get_gibbs_energy(300.0, 101325.0, verbose=False), rel=1e-10)
