@@ -2,6 +2,7 @@
 
     equijax train [CONFIG.yaml] [key=value ...]   train a potential (default config ships with the package)
     equijax evaluate CHECKPOINT DATA [DATA ...]   metrics table and parity plots
+    equijax vibrate CHECKPOINT STRUCTURE          frequencies, modes, thermochemistry
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ EPILOG = """examples:
   equijax train train.max_steps=200 output=runs/quick
   equijax train my.yaml model.l_max=2 model.channels=32 train.batch_size=32
   equijax evaluate runs/default/best.pkl equijax/data/aspirin_test.xyz
+  equijax vibrate runs/default/best.pkl experiments/workloads/aspirin.xyz --relax
 
 units: energies eV, forces eV/Å, stress eV/Å³; MAEs are printed in meV/atom and meV/Å.
 """
@@ -95,6 +97,58 @@ def _evaluate(args):
     print(f"parity plots and metrics.json in {out}/")
 
 
+def _vibrate(args):
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # the application, not the library, asks for float64
+    import ase.io
+    import numpy as np
+
+    from equijax import checkpoint, vibrations
+
+    model, params, _ = checkpoint.load_model(args.checkpoint)
+    atoms = ase.io.read(args.structure)
+    result = vibrations.vibrate(model, params, atoms, relax=args.relax, fmax=args.fmax, batch_size=args.batch_size)
+    out = Path(args.output or Path(args.structure).stem + "_vib")
+    out.mkdir(parents=True, exist_ok=True)
+    freqs = result.frequencies_cm
+    print(f"{len(atoms)} atoms; {result.n_rigid} rigid-body modes projected out; {len(freqs)} vibrations (cm⁻¹):")
+    for k, f in enumerate(freqs):
+        print(f"  {k + 1:4d} {f:10.1f}" + ("  (imaginary)" if f < 0 else ""))
+    ase.io.write(out / "relaxed.xyz", result.atoms)
+    result.vibrations.write_jmol(out / "modes.xyz")
+    np.savetxt(out / "frequencies_cm.txt", freqs, header="harmonic frequencies, cm^-1")
+    np.save(out / "hessian.npy", result.hessian)
+    _spectrum_plot(freqs, out / "spectrum.png", Path(args.structure).stem)
+    try:
+        thermo = result.thermo(args.temperature)
+        print(f"thermochemistry at {args.temperature} K (eV): " + ", ".join(f"{k} {v:.4f}" for k, v in thermo.items()))
+        (out / "thermo.json").write_text(json.dumps({"temperature_K": args.temperature, **thermo}, indent=1))
+    except ValueError as err:
+        print(f"no thermochemistry: {err}")
+    print(f"modes (Jmol: modes.xyz), spectrum.png, hessian.npy (eV/Å²) in {out}/")
+
+
+def _spectrum_plot(freqs, path, title, width=10.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = np.linspace(0, max(4000.0, float(np.max(freqs, initial=0)) + 200), 4000)
+    real = freqs[freqs > 0]
+    y = sum(np.exp(-0.5 * ((x - f) / width) ** 2) for f in real) if len(real) else np.zeros_like(x)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(x, y, lw=1)
+    ax.vlines(real, 0, 1, color="C1", lw=0.6)
+    ax.set(xlabel="wavenumber (cm⁻¹)", ylabel="modes (Gaussian, 10 cm⁻¹)",
+           title=f"{title}: harmonic frequencies (unit intensities)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _parity_plot(e_ref, e_pred, f_ref, f_pred, path, title):
     import matplotlib
 
@@ -138,6 +192,19 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="folder for plots and metrics.json (default: next to the checkpoint)")
     e.add_argument("--batch-size", type=int, default=16)
     e.set_defaults(func=_evaluate)
+    v = sub.add_parser("vibrate", help="harmonic frequencies, normal modes and thermochemistry",
+                       description="Vibrational analysis from the exact autodiff Hessian (float64): optional "
+                                   "relaxation, rigid-body projection, frequencies (cm⁻¹), normal modes (Jmol "
+                                   "xyz), spectrum plot and ideal-gas (molecule) or harmonic (crystal) "
+                                   "thermochemistry.")
+    v.add_argument("checkpoint")
+    v.add_argument("structure", help="any file ASE reads (xyz, extxyz, cif, POSCAR, ...)")
+    v.add_argument("--relax", action="store_true", help="BFGS relaxation first")
+    v.add_argument("--fmax", type=float, default=1e-3, help="relaxation threshold, eV/Å (default 1e-3)")
+    v.add_argument("--temperature", type=float, default=298.15, help="K (default 298.15)")
+    v.add_argument("--batch-size", type=int, help="Hessian columns per batch (memory-bounded); default dense")
+    v.add_argument("--output", help="output folder (default: STRUCTURE_vib)")
+    v.set_defaults(func=_vibrate)
     return p
 
 

@@ -1,0 +1,47 @@
+"""End to end through the command line: train, evaluate, vibrate."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from ase.build import molecule
+import ase.io
+
+from equijax import cli
+
+
+def test_help_is_helpful(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    for word in ("train", "evaluate", "vibrate", "units"):
+        assert word in text
+
+
+def test_train_evaluate_vibrate(tmp_path, capsys):
+    out = tmp_path / "run"
+    cli.main(["train", "data.train=[data/ethanol_train.xyz]", "data.test=[data/ethanol_test.xyz]",
+              "data.max_train=24", "model.channels=4", "model.n_layers=1", "model.radial_hidden=[8]",
+              "train.max_steps=12", "train.eval_every=6", "train.batch_size=6", "--output", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert "force  MAE" in text and "zero forces" in text
+    assert (out / "best.pkl").exists() and (out / "learning_curve.png").exists()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    cli.main(["evaluate", str(out / "best.pkl"), str(cli.Path(cli.__file__).parent / "data" / "ethanol_test.xyz"),
+              "--output", str(tmp_path / "eval")])
+    rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert rows[0]["frames"] == 100 and (tmp_path / "eval" / "ethanol_test_parity.png").exists()
+    ase.io.write(tmp_path / "water.xyz", molecule("H2O"))
+    cli.main(["vibrate", str(out / "best.pkl"), str(tmp_path / "water.xyz"), "--output", str(tmp_path / "vib")])
+    assert len((tmp_path / "vib" / "frequencies_cm.txt").read_text().splitlines()) == 1 + 3
+    assert (tmp_path / "vib" / "spectrum.png").exists() and (tmp_path / "vib" / "modes.xyz").exists()
+
+
+def test_bad_input_file_is_a_clear_cli_error(tmp_path, capsys):
+    bad = tmp_path / "bad.xyz"
+    bad.write_text("5\nProperties=species:S:1:pos:R:3 energy=1.0\nH 0 0 0\n")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", f"data.train=[{bad}]", "--output", str(tmp_path / "r"), "--no-progress"])
+    assert exc.value.code == 2
+    assert "equijax: error:" in capsys.readouterr().err
