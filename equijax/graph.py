@@ -208,7 +208,9 @@ def build_graph(
             accepted too).
         cutoff: neighbour cutoff radius in Å.
         species: atomic numbers the model knows; others raise ``ValueError``.
-        pad_to: ``(n_node, n_edge, n_graph)``; default from :func:`pad_sizes`.
+        pad_to: ``(n_node, n_edge, n_graph)``; default from :func:`pad_sizes`;
+            ``"tight"``: exactly one padding node, edge and graph (for one-off
+            work such as a Hessian, where a bucket would only waste columns).
         dtype: float dtype of positions, shifts, cell and labels.
         neighbour_lists: precomputed :func:`neighbours` of each structure
             (structures already checked), to batch a data set repeatedly.
@@ -234,7 +236,12 @@ def build_graph(
     n_atoms = np.array([len(s.positions) for s in structures])
     n_edges = np.array([len(p[0]) for p in parts])
     real = (int(n_atoms.sum()), int(n_edges.sum()), len(structures))
-    sizes = pad_sizes(*real) if pad_to is None else tuple(pad_to)
+    if pad_to is None:
+        sizes = pad_sizes(*real)
+    elif isinstance(pad_to, str) and pad_to == "tight":
+        sizes = (real[0] + 1, real[1] + 1, real[2] + 1)
+    else:
+        sizes = tuple(pad_to)
     if sizes[0] < real[0] + 1 or sizes[1] < real[1] + 1 or sizes[2] < real[2] + 1:
         raise ValueError(
             f"padded sizes {sizes} cannot hold {real} (nodes, edges, graphs) plus one "

@@ -128,7 +128,7 @@ def hessian_2d(model, params, atoms, batch_size: int | None = None) -> np.ndarra
     """(3N, 3N) Cartesian Hessian (eV/Å²) of one structure, dense or chunked."""
     fn = physics.hessian(model.energy) if batch_size is None else physics.hessian_chunked(model.energy, batch_size)
     g = graph_lib.build_graph([atoms], model.config.cutoff, species=model.config.species,
-                              dtype=np.dtype(model.config.dtype))
+                              dtype=np.dtype(model.config.dtype), pad_to="tight")
     n = len(atoms)
     h = np.asarray(jax.jit(fn)(params, g))[:n, :, :n, :]
     return h.reshape(3 * n, 3 * n)
