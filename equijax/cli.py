@@ -108,18 +108,24 @@ def _vibrate(args):
 
     model, params, _ = checkpoint.load_model(args.checkpoint)
     atoms = ase.io.read(args.structure)
-    result = vibrations.vibrate(model, params, atoms, relax=args.relax, fmax=args.fmax, batch_size=args.batch_size)
+    result = vibrations.vibrate(model, params, atoms, relax=args.relax, fmax=args.fmax, batch_size=args.batch_size,
+                                ir=args.ir)
     out = Path(args.output or Path(args.structure).stem + "_vib")
     out.mkdir(parents=True, exist_ok=True)
-    freqs = result.frequencies_cm
-    print(f"{len(atoms)} atoms; {result.n_rigid} rigid-body modes projected out; {len(freqs)} vibrations (cm⁻¹):")
+    freqs, _ = result.normal_modes()
+    intensities = result.ir_intensities() if args.ir else None
+    print(f"{len(atoms)} atoms; {result.n_rigid} rigid-body modes projected out; {len(freqs)} vibrations:")
+    print("  mode  freq (cm⁻¹)" + ("   IR (km/mol)" if args.ir else ""))
     for k, f in enumerate(freqs):
-        print(f"  {k + 1:4d} {f:10.1f}" + ("  (imaginary)" if f < 0 else ""))
+        print(f"  {k + 1:4d} {f:12.1f}" + (f" {intensities[k]:13.2f}" if args.ir else "")
+              + ("  (imaginary)" if f < 0 else ""))
     ase.io.write(out / "relaxed.xyz", result.atoms)
     result.vibrations.write_jmol(out / "modes.xyz")
     np.savetxt(out / "frequencies_cm.txt", freqs, header="harmonic frequencies, cm^-1")
     np.save(out / "hessian.npy", result.hessian)
-    _spectrum_plot(freqs, out / "spectrum.png", Path(args.structure).stem)
+    if args.ir:
+        np.savetxt(out / "ir_km_per_mol.txt", np.stack([freqs, intensities], 1), header="cm^-1  km/mol")
+    _spectrum_plot(freqs, out / "spectrum.png", Path(args.structure).stem, intensities)
     try:
         thermo = result.thermo(args.temperature)
         print(f"thermochemistry at {args.temperature} K (eV): " + ", ".join(f"{k} {v:.4f}" for k, v in thermo.items()))
@@ -129,7 +135,7 @@ def _vibrate(args):
     print(f"modes (Jmol: modes.xyz), spectrum.png, hessian.npy (eV/Å²) in {out}/")
 
 
-def _spectrum_plot(freqs, path, title, width=10.0):
+def _spectrum_plot(freqs, path, title, intensities=None, width=10.0):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,13 +143,15 @@ def _spectrum_plot(freqs, path, title, width=10.0):
     import numpy as np
 
     x = np.linspace(0, max(4000.0, float(np.max(freqs, initial=0)) + 200), 4000)
-    real = freqs[freqs > 0]
-    y = sum(np.exp(-0.5 * ((x - f) / width) ** 2) for f in real) if len(real) else np.zeros_like(x)
+    weights = np.ones_like(freqs) if intensities is None else np.asarray(intensities)
+    keep = freqs > 0
+    real, weights = freqs[keep], weights[keep]
+    y = sum(w * np.exp(-0.5 * ((x - f) / width) ** 2) for f, w in zip(real, weights)) if len(real) else 0 * x
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.plot(x, y, lw=1)
-    ax.vlines(real, 0, 1, color="C1", lw=0.6)
-    ax.set(xlabel="wavenumber (cm⁻¹)", ylabel="modes (Gaussian, 10 cm⁻¹)",
-           title=f"{title}: harmonic frequencies (unit intensities)")
+    ax.vlines(real, 0, weights, color="C1", lw=0.6)
+    label = "IR intensity (km/mol)" if intensities is not None else "modes (unit intensities)"
+    ax.set(xlabel="wavenumber (cm⁻¹)", ylabel=label, title=f"{title}: harmonic spectrum, 10 cm⁻¹ Gaussians")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -203,6 +211,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--fmax", type=float, default=1e-3, help="relaxation threshold, eV/Å (default 1e-3)")
     v.add_argument("--temperature", type=float, default=298.15, help="K (default 298.15)")
     v.add_argument("--batch-size", type=int, help="Hessian columns per batch (memory-bounded); default dense")
+    v.add_argument("--ir", action="store_true",
+                   help="IR intensities from the dipole head (train with train.weights.dipole > 0)")
     v.add_argument("--output", help="output folder (default: STRUCTURE_vib)")
     v.set_defaults(func=_vibrate)
     return p

@@ -96,12 +96,19 @@ class Potential(NamedTuple):
         atomic_energies: ``(params, graph) -> (n_node,)`` eV, zero on padding.
         energy: ``(params, graph) -> (n_graph,)`` eV, zero on padding graphs.
         config: the hyperparameters.
+        charges: ``(params, graph) -> (n_node,)`` atomic charges (e) from a
+            second readout of the same features, shifted so that each graph
+            carries its total charge (``globals["charge"]``, default 0).
+        dipole: ``(params, graph) -> (n_graph, 3)`` e·Å, ``Σ_i q_i r_i``
+            (origin-independent for neutral molecules; not for crystals).
     """
 
     init: Callable
     atomic_energies: Callable
     energy: Callable
     config: NequIPConfig
+    charges: Optional[Callable] = None
+    dipole: Optional[Callable] = None
 
 
 def species_index(species: tuple, atomic_numbers: jax.Array) -> jax.Array:
@@ -166,9 +173,14 @@ def nequip(config: NequIPConfig, interaction=None) -> Potential:
             },
             "shift": jnp.asarray(shift, dtype),
             "scale": jnp.asarray(scale, dtype),
+            "charges": {
+                "hidden": layers.linear_init(jax.random.fold_in(keys[-2], 1), final_irreps, readout_irreps, dtype),
+                "out": layers.linear_init(jax.random.fold_in(keys[-1], 1), readout_irreps, "0e", dtype),
+            },
         }
 
-    def atomic_energies(params, graph: jraph.GraphsTuple) -> jax.Array:
+    def features(params, graph: jraph.GraphsTuple):
+        """Final node features (n_node, irreps) and species indices (n_node,)."""
         positions = graph.nodes["positions"].astype(dtype)
         vectors = graph_lib.edge_vectors(graph, positions, graph.globals["cell"].astype(dtype))
         n_node = positions.shape[0]
@@ -181,13 +193,38 @@ def nequip(config: NequIPConfig, interaction=None) -> Potential:
         h = e3nn.IrrepsArray(f"{config.channels}x0e", params["embedding"][species])
         for p, plan in zip(params["layers"], plans):
             h = block_apply(p, plan, h, species, edges, config.avg_num_neighbours)
-        x = layers.linear(params["readout"]["hidden"], h, readout_irreps)
+        return h, species
+
+    def readout(p, h):
+        x = layers.linear(p["hidden"], h, readout_irreps)
         x = e3nn.scalar_activation(x, [jax.nn.silu])
-        e = layers.linear(params["readout"]["out"], x, "0e").array[:, 0]
+        return layers.linear(p["out"], x, "0e").array[:, 0]
+
+    def atomic_energies(params, graph: jraph.GraphsTuple) -> jax.Array:
+        h, species = features(params, graph)
+        e = readout(params["readout"], h)
         e = params["scale"][species] * e + params["shift"][species]
         return jnp.where(graph.nodes["mask"], e, 0.0)
+
+    def charges(params, graph: jraph.GraphsTuple) -> jax.Array:
+        h, _ = features(params, graph)
+        mask = graph.nodes["mask"]
+        q = jnp.where(mask, readout(params["charges"], h), 0.0)
+        index = graph_lib.node_graph_index(graph)
+        n_graph = graph.n_node.shape[0]
+        target = graph.globals.get("charge", jnp.zeros(n_graph, q.dtype))
+        count = jax.ops.segment_sum(mask.astype(q.dtype), index, num_segments=n_graph)
+        excess = (jax.ops.segment_sum(q, index, num_segments=n_graph) - target) / jnp.maximum(count, 1)
+        return jnp.where(mask, q - excess[index], 0.0)
+
+    def dipole(params, graph: jraph.GraphsTuple) -> jax.Array:
+        q = charges(params, graph)
+        r = graph.nodes["positions"].astype(q.dtype)
+        n_graph = graph.n_node.shape[0]
+        return jax.ops.segment_sum(q[:, None] * r, graph_lib.node_graph_index(graph), num_segments=n_graph)
 
     def energy(params, graph: jraph.GraphsTuple) -> jax.Array:
         return total_energy(atomic_energies(params, graph), graph)
 
-    return Potential(init=init, atomic_energies=atomic_energies, energy=energy, config=config)
+    return Potential(init=init, atomic_energies=atomic_energies, energy=energy, config=config,
+                     charges=charges, dipole=dipole)

@@ -31,15 +31,17 @@ class LossWeights(NamedTuple):
     """Weights of the mean squared errors in the loss.
 
     ``energy``: per-atom energy error, (eV/atom)²; ``forces``: force
-    components, (eV/Å)²; ``stress``: stress components, (eV/Å³)².
+    components, (eV/Å)²; ``stress``: stress components, (eV/Å³)²;
+    ``dipole``: dipole components, (e·Å)² (needs the model's dipole head).
     """
 
     energy: float = 1.0
     forces: float = 10.0
     stress: float = 0.0
+    dipole: float = 0.0
 
 
-def _errors(energy_fn, with_stress):
+def _errors(energy_fn, with_stress, dipole_fn=None):
     """``(params, graph) -> dict`` of summed absolute and squared errors and counts."""
     derive = physics.energy_forces_stress(energy_fn) if with_stress else physics.energy_and_forces(energy_fn)
 
@@ -55,6 +57,9 @@ def _errors(energy_fn, with_stress):
         if with_stress:
             ds = jnp.where(gmask[:, None, None], out.stress - graph.globals["stress"], 0.0)
             sums.update(stress_sq=(ds**2).sum(), stress_abs=jnp.abs(ds).sum(), n_stress=9 * gmask.sum())
+        if dipole_fn is not None:
+            dd = jnp.where(gmask[:, None], dipole_fn(params, graph) - graph.globals["dipole"], 0.0)
+            sums.update(dipole_sq=(dd**2).sum(), dipole_abs=jnp.abs(dd).sum(), n_dipole=3 * gmask.sum())
         return sums
 
     return fn
@@ -65,9 +70,11 @@ def _summed(errors, params, stacked):
     return jax.tree_util.tree_map(lambda x: x.sum(0), per_shard)
 
 
-def loss_fn(energy_fn, weights: LossWeights = LossWeights()):
-    """``(params, stacked_graph) -> (loss, metrics)``."""
-    errors = _errors(energy_fn, weights.stress > 0)
+def loss_fn(energy_fn, weights: LossWeights = LossWeights(), dipole_fn=None):
+    """``(params, stacked_graph) -> (loss, metrics)``; ``dipole_fn`` is needed when ``weights.dipole > 0``."""
+    if weights.dipole > 0 and dipole_fn is None:
+        raise ValueError("a dipole weight needs the model's dipole function (model.dipole)")
+    errors = _errors(energy_fn, weights.stress > 0, dipole_fn if weights.dipole > 0 else None)
 
     def fn(params, stacked):
         s = _summed(errors, params, stacked)
@@ -79,6 +86,10 @@ def loss_fn(energy_fn, weights: LossWeights = LossWeights()):
             s_mse = s["stress_sq"] / jnp.maximum(s["n_stress"], 1)
             loss = loss + weights.stress * s_mse
             metrics["stress_rmse"] = jnp.sqrt(s_mse)
+        if weights.dipole > 0:
+            d_mse = s["dipole_sq"] / jnp.maximum(s["n_dipole"], 1)
+            loss = loss + weights.dipole * d_mse
+            metrics["dipole_rmse"] = jnp.sqrt(d_mse)
         metrics["loss"] = loss
         return loss, metrics
 
@@ -132,9 +143,9 @@ def init_state(params, opt: optax.GradientTransformation) -> TrainState:
 
 
 def train_step(energy_fn, opt: optax.GradientTransformation, weights: LossWeights = LossWeights(),
-               ema_decay: float = 0.99):
+               ema_decay: float = 0.99, dipole_fn=None):
     """``(state, stacked_graph) -> (state, metrics)``: one step (jit it)."""
-    loss = loss_fn(energy_fn, weights)
+    loss = loss_fn(energy_fn, weights, dipole_fn)
 
     def fn(state: TrainState, stacked):
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, stacked)
@@ -149,16 +160,16 @@ def train_step(energy_fn, opt: optax.GradientTransformation, weights: LossWeight
     return fn
 
 
-def evaluator(energy_fn, with_stress: bool = False):
+def evaluator(energy_fn, with_stress: bool = False, dipole_fn=None):
     """``(params, stacked_graph) -> dict`` of summed errors (jit it); see :func:`metrics`."""
-    errors = _errors(energy_fn, with_stress)
+    errors = _errors(energy_fn, with_stress, dipole_fn)
     return lambda params, stacked: _summed(errors, params, stacked)
 
 
 def metrics(sums: dict) -> dict:
-    """MAE and RMSE from summed errors: meV/atom, meV/Å, meV/Å³."""
+    """MAE and RMSE from summed errors: meV/atom, meV/Å, meV/Å³, me·Å (dipole)."""
     out = {}
-    for key, count in (("energy", "n_graphs"), ("forces", "n_force"), ("stress", "n_stress")):
+    for key, count in (("energy", "n_graphs"), ("forces", "n_force"), ("stress", "n_stress"), ("dipole", "n_dipole")):
         if key + "_sq" in sums:
             n = max(float(sums[count]), 1.0)
             out[f"{key}_mae"] = 1000 * float(sums[key + "_abs"]) / n
@@ -166,9 +177,10 @@ def metrics(sums: dict) -> dict:
     return out
 
 
-def evaluate(energy_fn, params, dataset, with_stress: bool = False, mesh: Mesh | None = None) -> dict:
+def evaluate(energy_fn, params, dataset, with_stress: bool = False, mesh: Mesh | None = None,
+             dipole_fn=None) -> dict:
     """Metrics of ``params`` over a whole :class:`equijax.data.Dataset`."""
-    fn = jax.jit(evaluator(energy_fn, with_stress))
+    fn = jax.jit(evaluator(energy_fn, with_stress, dipole_fn))
     total = None
     for batch in dataset.batches():
         if mesh is not None:
@@ -294,6 +306,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     max_steps = int(tc.get("max_steps", 1000))
     weights = LossWeights(**tc.get("weights", {}))
     with_stress = weights.stress > 0
+    dipole_fn = model.dipole if weights.dipole > 0 else None
     opt = optimizer(float(tc.get("learning_rate", 5e-3)), int(tc.get("warmup_steps", 50)), max_steps,
                     tc.get("schedule", "cosine"), float(tc.get("clip_norm", 10.0)))
     plateau = Plateau(int(tc.get("plateau_patience", 5)), float(tc.get("plateau_factor", 0.5)),
@@ -306,8 +319,9 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     else:
         state = init_state(model.init(jax.random.PRNGKey(int(tc.get("seed", 0)))), opt)
     state = replicate(state, mesh)
-    step_fn = jax.jit(train_step(model.energy, opt, weights, float(tc.get("ema_decay", 0.99))), donate_argnums=0)
-    eval_fn = jax.jit(evaluator(model.energy, with_stress))
+    step_fn = jax.jit(train_step(model.energy, opt, weights, float(tc.get("ema_decay", 0.99)), dipole_fn),
+                      donate_argnums=0)
+    eval_fn = jax.jit(evaluator(model.energy, with_stress, dipole_fn))
     eval_every = int(tc.get("eval_every", 100))
 
     def validate(params):
@@ -371,7 +385,8 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         best_model, best_params, _ = checkpoint.load_model(output / "best.pkl")
         test = io.read_many(config_lib.data_paths(dc["test"]))
         test_set = data_lib.Dataset(test, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
-        result["test"] = evaluate(best_model.energy, best_params, test_set, with_stress, mesh)
+        result["test"] = evaluate(best_model.energy, best_params, test_set, with_stress, mesh,
+                                  best_model.dipole if dipole_fn is not None else None)
         forces = np.concatenate([s.labels["forces"].ravel() for s in test])
         result["test"]["zero_force_mae"] = 1000 * float(np.abs(forces).mean())
         result["n_test"] = len(test)

@@ -82,11 +82,39 @@ def project_hessian(hessian_2d: np.ndarray, atoms) -> tuple[np.ndarray, int]:
     return mw / w[:, None] / w[None, :], basis.shape[1]
 
 
+#: (D/Å)²/amu -> km/mol, the conversion ASE's Infrared uses
+KM_PER_MOL = 42.255
+#: e·Å in Debye
+E_ANGSTROM_IN_DEBYE = 1.0 / 0.20819434
+
+
 class VibrationalResult(NamedTuple):
     atoms: object
     hessian: np.ndarray  # (3N, 3N) eV/Å², projected
     n_rigid: int
     vibrations: VibrationsData
+    dipole_derivative: np.ndarray | None = None  # (3N, 3) dμ/dx in e (e·Å per Å)
+
+    def normal_modes(self):
+        """``(frequencies_cm (M,), modes (M, 3N))``: mass-weighted orthonormal eigenvectors,
+        rigid-body modes dropped, ascending; imaginary frequencies negative."""
+        w = np.repeat(1.0 / np.sqrt(self.atoms.get_masses()), 3)
+        mw = self.hessian * w[:, None] * w[None, :]
+        lam, vec = np.linalg.eigh(0.5 * (mw + mw.T))
+        keep = np.sort(np.argsort(np.abs(lam))[self.n_rigid :])
+        lam, vec = lam[keep], vec[:, keep]
+        # sqrt(eV/(Å² amu)) -> cm⁻¹
+        to_cm = np.sqrt(units._e / units._amu) * 1e10 / (2 * np.pi * units._c * 100)
+        return np.sign(lam) * np.sqrt(np.abs(lam)) * to_cm, vec.T
+
+    def ir_intensities(self) -> np.ndarray:
+        """IR intensities (km/mol) of the modes of :meth:`normal_modes`, from dμ/dQ."""
+        if self.dipole_derivative is None:
+            raise ValueError("no dipole derivative: call vibrate(..., ir=True) with a model trained on dipoles")
+        _, modes = self.normal_modes()
+        w = np.repeat(1.0 / np.sqrt(self.atoms.get_masses()), 3)
+        dmu_dq = (modes * w[None, :]) @ self.dipole_derivative  # (M, 3) e/sqrt(amu)
+        return KM_PER_MOL * (E_ANGSTROM_IN_DEBYE**2) * (dmu_dq**2).sum(1)
 
     @property
     def frequencies_cm(self) -> np.ndarray:
@@ -134,8 +162,21 @@ def hessian_2d(model, params, atoms, batch_size: int | None = None) -> np.ndarra
     return h.reshape(3 * n, 3 * n)
 
 
+def dipole_derivative(model, params, atoms) -> np.ndarray:
+    """(3N, 3) derivative of the model's dipole (e·Å) with respect to positions (Å), by autodiff."""
+    g = graph_lib.build_graph([atoms], model.config.cutoff, species=model.config.species,
+                              dtype=np.dtype(model.config.dtype), pad_to="tight")
+    n = len(atoms)
+
+    def mu(positions):
+        return model.dipole(params, physics.with_positions(g, positions))[0]
+
+    d = np.asarray(jax.jit(jax.jacrev(mu))(g.nodes["positions"]))  # (3, n_node, 3)
+    return d[:, :n, :].reshape(3, 3 * n).T
+
+
 def vibrate(model, params, atoms, relax: bool = False, fmax: float = 1e-3, batch_size: int | None = None,
-            steps: int = 500) -> VibrationalResult:
+            steps: int = 500, ir: bool = False) -> VibrationalResult:
     """Relax (optionally), then harmonic analysis of ``atoms`` in float64.
 
     Args:
@@ -143,6 +184,7 @@ def vibrate(model, params, atoms, relax: bool = False, fmax: float = 1e-3, batch
         atoms: an ``ase.Atoms``; a copy is relaxed, the input is not changed.
         relax: BFGS relaxation to ``fmax`` (eV/Å) first.
         batch_size: Hessian columns per batch (memory-bounded); ``None``: dense.
+        ir: also the dipole derivative, for :meth:`VibrationalResult.ir_intensities`.
     """
     from equijax.calculator import EquijaxCalculator
 
@@ -155,4 +197,5 @@ def vibrate(model, params, atoms, relax: bool = False, fmax: float = 1e-3, batch
         BFGS(atoms, logfile=None).run(fmax=fmax, steps=steps)
     h = hessian_2d(model64, params64, atoms, batch_size)
     projected, n_rigid = project_hessian(h, atoms)
-    return VibrationalResult(atoms, projected, n_rigid, VibrationsData.from_2d(atoms, projected))
+    dmu = dipole_derivative(model64, params64, atoms) if ir else None
+    return VibrationalResult(atoms, projected, n_rigid, VibrationsData.from_2d(atoms, projected), dmu)

@@ -23,7 +23,7 @@ def test_train_evaluate_vibrate(tmp_path, capsys):
     out = tmp_path / "run"
     cli.main(["train", "data.train=[data/ethanol_train.xyz]", "data.test=[data/ethanol_test.xyz]",
               "data.max_train=24", "model.channels=4", "model.n_layers=1", "model.radial_hidden=[8]",
-              "train.max_steps=12", "train.eval_every=6", "train.batch_size=6", "--output", str(out), "--no-progress"])
+              "train.max_steps=12", "train.eval_every=6", "train.batch_size=6", "train.weights.dipole=1.0", "--output", str(out), "--no-progress"])
     text = capsys.readouterr().out
     assert "force  MAE" in text and "zero forces" in text
     assert (out / "best.pkl").exists() and (out / "learning_curve.png").exists()
@@ -33,7 +33,8 @@ def test_train_evaluate_vibrate(tmp_path, capsys):
     rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert rows[0]["frames"] == 100 and (tmp_path / "eval" / "ethanol_test_parity.png").exists()
     ase.io.write(tmp_path / "water.xyz", molecule("H2O"))
-    cli.main(["vibrate", str(out / "best.pkl"), str(tmp_path / "water.xyz"), "--output", str(tmp_path / "vib")])
+    cli.main(["vibrate", str(out / "best.pkl"), str(tmp_path / "water.xyz"), "--output", str(tmp_path / "vib"), "--ir"])
+    assert len((tmp_path / "vib" / "ir_km_per_mol.txt").read_text().splitlines()) == 1 + 3
     assert len((tmp_path / "vib" / "frequencies_cm.txt").read_text().splitlines()) == 1 + 3
     assert (tmp_path / "vib" / "spectrum.png").exists() and (tmp_path / "vib" / "modes.xyz").exists()
 

@@ -36,13 +36,16 @@ def test_a_few_steps_reduce_the_loss():
     model = equijax.nequip(cfg)
     batch = data.Dataset(structures, cfg.cutoff, 8, cfg.species).batch(np.arange(8))
     opt = optax.adam(1e-2)
-    step = jax.jit(training.train_step(model.energy, opt))
+    weights = training.LossWeights(energy=1.0, forces=10.0, dipole=1.0)  # dipoles: GFN2-xTB labels
+    step = jax.jit(training.train_step(model.energy, opt, weights, dipole_fn=model.dipole))
     state = training.init_state(model.init(jax.random.PRNGKey(0)), opt)
-    losses = []
+    losses, dipole = [], []
     for _ in range(15):
         state, m = step(state, batch)
         losses.append(float(m["loss"]))
+        dipole.append(float(m["dipole_rmse"]))
     assert losses[-1] < 0.7 * losses[0], losses
+    assert dipole[-1] < dipole[0], dipole
     assert step._cache_size() == 1
 
 

@@ -77,3 +77,24 @@ def test_chunked_equals_dense_and_thermo_matches_ase(model_params):
     ref = IdealGasThermo(vib_energies=positive * vibrations.units.invcm, geometry="nonlinear",
                          potentialenergy=dense.atoms.get_potential_energy(), atoms=dense.atoms, symmetrynumber=1, spin=0)
     assert t["gibbs"] == pytest.approx(ref.get_gibbs_energy(300.0, 101325.0, verbose=False), rel=1e-10)
+
+
+def test_dipole_head_and_ir_selection_rule(model_params):
+    model, params = model_params
+    atoms = molecule("CO2")
+    g = equijax.build_graph([atoms], model.config.cutoff, dtype=np.float64)
+    q = np.asarray(model.charges(params, g))[:3]
+    assert abs(q.sum()) < 1e-12  # neutral by construction
+    result = vibrations.vibrate(model, params, atoms, ir=True)
+    freqs, modes = result.normal_modes()
+    np.testing.assert_allclose(np.sort(np.abs(freqs)), np.sort(np.abs(result.frequencies_cm)), atol=1e-6)
+    intensities = result.ir_intensities()
+    # the symmetric stretch: both O move oppositely along the axis, C still
+    axis = atoms.positions[2] - atoms.positions[1]
+    axis /= np.linalg.norm(axis)
+    sym = np.concatenate([np.zeros(3), -axis, axis]) / np.sqrt(2)  # order C, O, O
+    overlap = np.abs(modes @ sym)
+    k = int(np.argmax(overlap))
+    assert overlap[k] > 0.99
+    assert intensities[k] < 1e-10 * max(intensities.max(), 1e-30) or intensities[k] < 1e-12
+    assert intensities.max() > 1e-6  # other modes are IR active
