@@ -132,6 +132,42 @@ def hessian_vector_product(energy_fn: EnergyFn):
     return fn
 
 
+def hessian_columns(energy_fn: EnergyFn, atoms, batch_size: int = 16):
+    """Partial Hessian: the columns of the given atoms only, by Hessian-vector products.
+
+    For a subset of atoms (the rest held fixed), or the force constants of
+    one cell of a supercell (phonons). Cost and memory scale with
+    ``len(atoms)``, not with the system size.
+
+    Args:
+        atoms: static sequence of node indices.
+
+    Returns:
+        ``(params, graph) -> (n_node, 3, len(atoms), 3)``: ``H[i, a, k, b] =
+        d²E / dr_{i,a} dr_{atoms[k], b}``.
+    """
+    hvp = hessian_vector_product(energy_fn)
+    atoms = jnp.asarray(atoms, jnp.int32)
+    n_cols = 3 * atoms.shape[0]
+
+    def fn(params, graph):
+        pos = graph.nodes["positions"]
+        flat = jnp.repeat(atoms * 3, 3) + jnp.tile(jnp.arange(3), atoms.shape[0])  # column -> flat index
+        n_chunks = -(-n_cols // batch_size)
+        cols = jnp.pad(flat, (0, n_chunks * batch_size - n_cols)).reshape(n_chunks, batch_size)
+
+        def chunk(idx):
+            basis = jax.nn.one_hot(idx, pos.size, dtype=pos.dtype).reshape(batch_size, *pos.shape)
+            return jax.vmap(lambda v: hvp(params, graph, v))(basis)
+
+        h = jax.lax.map(chunk, cols).reshape(n_chunks * batch_size, *pos.shape)[:n_cols]
+        h = h.reshape(atoms.shape[0], 3, *pos.shape)
+        h = jnp.transpose(h, (2, 3, 0, 1))
+        return jnp.where(graph.nodes["mask"][:, None, None, None], h, 0.0)
+
+    return fn
+
+
 def hessian_chunked(energy_fn: EnergyFn, batch_size: int = 16):
     """Memory-bounded dense Hessian from batches of Hessian-vector products.
 
