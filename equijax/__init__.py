@@ -1,6 +1,14 @@
-"""equijax: E(3)-equivariant interatomic potentials as pure JAX functions."""
+"""equijax: E(3)-equivariant interatomic potentials as pure JAX functions.
 
-from equijax import graph, layers, physics
+One module per concern: :mod:`equijax.graph` (neighbours, batching, padding),
+:mod:`equijax.layers` and :mod:`equijax.models` (the potential),
+:mod:`equijax.physics` (forces, stress, Hessians), :mod:`equijax.training`,
+:mod:`equijax.io`, :mod:`equijax.checkpoint`; and, imported on demand,
+:mod:`equijax.calculator` (ASE), :mod:`equijax.vibrations`,
+:mod:`equijax.phonons`, :mod:`equijax.testing`.
+"""
+
+from equijax import checkpoint, data, graph, io, layers, physics, training
 from equijax.graph import Structure, build_graph, from_ase
 from equijax.models import NequIPConfig, Potential, nequip
 

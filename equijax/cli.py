@@ -2,7 +2,8 @@
 
     equijax train [CONFIG.yaml] [key=value ...]   train a potential (default config ships with the package)
     equijax evaluate CHECKPOINT DATA [DATA ...]   metrics table and parity plots
-    equijax vibrate CHECKPOINT STRUCTURE          frequencies, modes, thermochemistry
+    equijax vibrate CHECKPOINT STRUCTURE          frequencies, modes, IR, thermochemistry
+    equijax phonons CHECKPOINT CRYSTAL            phonons at Γ and along a band path
 """
 
 from __future__ import annotations
@@ -135,6 +136,39 @@ def _vibrate(args):
     print(f"modes (Jmol: modes.xyz), spectrum.png, hessian.npy (eV/Å²) in {out}/")
 
 
+def _phonons(args):
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import ase.io
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from equijax import checkpoint, phonons, vibrations
+
+    model, params, _ = checkpoint.load_model(args.checkpoint)
+    model, params = vibrations.float64_model(model, params)
+    prim = ase.io.read(args.structure)
+    if not prim.pbc.all():
+        raise ValueError(f"{args.structure}: phonons need a cell periodic in all three directions")
+    fc = phonons.force_constants(model, params, prim, tuple(args.supercell), args.batch_size)
+    out = Path(args.output or Path(args.structure).stem + "_phonons")
+    out.mkdir(parents=True, exist_ok=True)
+    gamma = phonons.frequencies(fc, [[0, 0, 0]])[0]
+    print(f"Γ-point frequencies (cm⁻¹): " + " ".join(f"{f:.1f}" for f in gamma))
+    bs = phonons.band_structure(fc, args.path, args.npoints)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bs.plot(ax=ax, emin=min(0.0, float(bs.energies.min()) * 1.1), emax=float(bs.energies.max()) * 1.1,
+            ylabel="phonon energy (meV)")
+    fig.savefig(out / "band_structure.png", dpi=120)
+    bs.write(str(out / "band_structure.json"))
+    np.savetxt(out / "gamma_cm.txt", gamma, header="phonon frequencies at Gamma, cm^-1")
+    print(f"band_structure.png, band_structure.json (meV), gamma_cm.txt in {out}/")
+
+
 def _spectrum_plot(freqs, path, title, intensities=None, width=10.0):
     import matplotlib
 
@@ -215,6 +249,18 @@ def parser() -> argparse.ArgumentParser:
                    help="IR intensities from the dipole head (train with train.weights.dipole > 0)")
     v.add_argument("--output", help="output folder (default: STRUCTURE_vib)")
     v.set_defaults(func=_vibrate)
+    ph = sub.add_parser("phonons", help="phonon frequencies at Γ and a band structure (crystals)",
+                        description="Phonons from the exact autodiff force constants of a supercell: only the "
+                                    "Hessian columns of one primitive cell are computed. Writes a band-structure "
+                                    "plot (meV) along a path of the Brillouin zone.")
+    ph.add_argument("checkpoint")
+    ph.add_argument("structure", help="primitive cell, any periodic file ASE reads")
+    ph.add_argument("--supercell", type=int, nargs=3, default=[3, 3, 3])
+    ph.add_argument("--path", default=None, help="special points, e.g. GXWKGLUWLK (default: ASE's for the lattice)")
+    ph.add_argument("--npoints", type=int, default=100)
+    ph.add_argument("--batch-size", type=int, default=16, help="Hessian columns per batch")
+    ph.add_argument("--output", help="output folder (default: STRUCTURE_phonons)")
+    ph.set_defaults(func=_phonons)
     return p
 
 

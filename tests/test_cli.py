@@ -46,3 +46,19 @@ def test_bad_input_file_is_a_clear_cli_error(tmp_path, capsys):
         cli.main(["train", f"data.train=[{bad}]", "--output", str(tmp_path / "r"), "--no-progress"])
     assert exc.value.code == 2
     assert "equijax: error:" in capsys.readouterr().err
+
+
+def test_phonons_command(tmp_path, capsys):
+    import jax
+    from ase.build import bulk
+
+    import equijax
+
+    cfg = equijax.NequIPConfig(species=(29,), cutoff=3.0, l_max=1, channels=4, n_layers=1, radial_hidden=(8,))
+    model = equijax.nequip(cfg)
+    ckpt = equijax.checkpoint.save(tmp_path / "cu.pkl", config=cfg.to_dict(), params=model.init(jax.random.PRNGKey(0)))
+    ase.io.write(tmp_path / "cu.cif", bulk("Cu", "fcc", a=3.6))
+    cli.main(["phonons", str(ckpt), str(tmp_path / "cu.cif"), "--supercell", "2", "2", "2", "--npoints", "20",
+              "--output", str(tmp_path / "ph")])
+    assert "Γ-point" in capsys.readouterr().out
+    assert (tmp_path / "ph" / "band_structure.png").exists()
