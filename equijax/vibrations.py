@@ -162,6 +162,37 @@ def hessian_2d(model, params, atoms, batch_size: int | None = None) -> np.ndarra
     return h.reshape(3 * n, 3 * n)
 
 
+def vibrate_many(model, params, molecules, ir: bool = False) -> list[VibrationalResult]:
+    """Harmonic analysis of many structures (conformers, molecules) in one compiled call.
+
+    The structures are padded to common sizes and their Hessians (and dipole
+    derivatives) computed by one ``jax.vmap`` over the stack; no relaxation.
+    Results equal :func:`vibrate` one by one.
+    """
+    model64, params64 = float64_model(model, params)
+    cfg = model64.config
+    graphs = [graph_lib.build_graph([a], cfg.cutoff, species=cfg.species, dtype=np.float64) for a in molecules]
+    sizes = tuple(max(s) for s in zip(*[(g.nodes["mask"].shape[0], g.senders.shape[0], 2) for g in graphs]))
+    graphs = [graph_lib.build_graph([a], cfg.cutoff, species=cfg.species, dtype=np.float64, pad_to=sizes)
+              for a in molecules]
+    stacked = graph_lib.stack_graphs(graphs)
+    hessians = np.asarray(jax.jit(jax.vmap(physics.hessian(model64.energy), in_axes=(None, 0)))(params64, stacked))
+    if ir:
+        def mu(g, positions):
+            return model64.dipole(params64, physics.with_positions(g, positions))[0]
+
+        dmus = np.asarray(jax.jit(jax.vmap(lambda g: jax.jacrev(lambda p: mu(g, p))(g.nodes["positions"])))(stacked))
+    results = []
+    for k, atoms in enumerate(molecules):
+        n = len(atoms)
+        atoms = atoms.copy()
+        h = hessians[k][:n, :, :n, :].reshape(3 * n, 3 * n)
+        projected, n_rigid = project_hessian(h, atoms)
+        dmu = dmus[k][:, :n, :].reshape(3, 3 * n).T if ir else None
+        results.append(VibrationalResult(atoms, projected, n_rigid, VibrationsData.from_2d(atoms, projected), dmu))
+    return results
+
+
 def dipole_derivative(model, params, atoms) -> np.ndarray:
     """(3N, 3) derivative of the model's dipole (e·Å) with respect to positions (Å), by autodiff."""
     g = graph_lib.build_graph([atoms], model.config.cutoff, species=model.config.species,

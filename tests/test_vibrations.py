@@ -98,3 +98,15 @@ def test_dipole_head_and_ir_selection_rule(model_params):
     assert overlap[k] > 0.99
     assert intensities[k] < 1e-10 * max(intensities.max(), 1e-30) or intensities[k] < 1e-12
     assert intensities.max() > 1e-6  # other modes are IR active
+
+
+def test_batched_equals_one_by_one(model_params):
+    model, params = model_params
+    mols = [molecule("CH3OH"), molecule("H2O"), molecule("CO2")]
+    mols[0].rattle(0.03, seed=1)
+    many = vibrations.vibrate_many(model, params, mols, ir=True)
+    for atoms, batched in zip(mols, many):
+        single = vibrations.vibrate(model, params, atoms, ir=True)
+        np.testing.assert_allclose(batched.hessian, single.hessian, atol=1e-10)
+        np.testing.assert_allclose(batched.frequencies_cm, single.frequencies_cm, atol=1e-6)
+        np.testing.assert_allclose(batched.ir_intensities(), single.ir_intensities(), atol=1e-8)
