@@ -14,6 +14,7 @@ thermochemistry classes do the rest.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -24,18 +25,23 @@ from ase.vibrations import VibrationsData
 
 from equijax import graph as graph_lib, physics
 
+@functools.lru_cache(maxsize=8)
+def _nequip64(config):
+    from equijax.models import nequip
+
+    return nequip(config)  # cached: repeated analyses reuse compiled functions
+
+
 def float64_model(model, params):
     """The same potential evaluated in float64 (needs ``jax_enable_x64``).
 
     Raises:
         RuntimeError: float64 is not enabled in JAX.
     """
-    from equijax.models import nequip
-
     if not jax.config.jax_enable_x64:
         raise RuntimeError("vibrational analysis needs float64: call "
                            "jax.config.update('jax_enable_x64', True) before building graphs")
-    model64 = nequip(model.config.replace(dtype="float64"))
+    model64 = _nequip64(model.config.replace(dtype="float64"))
     params64 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
     return model64, params64
 
@@ -152,13 +158,19 @@ class VibrationalResult(NamedTuple):
                 "gibbs": t.get_gibbs_energy(temperature, pressure, verbose=False)}
 
 
-def hessian_2d(model, params, atoms, batch_size: int | None = None) -> np.ndarray:
-    """(3N, 3N) Cartesian Hessian (eV/Å²) of one structure, dense or chunked."""
+@functools.lru_cache(maxsize=16)
+def _hessian_fn(model, batch_size):
     fn = physics.hessian(model.energy) if batch_size is None else physics.hessian_chunked(model.energy, batch_size)
+    return jax.jit(fn)
+
+
+def hessian_2d(model, params, atoms, batch_size: int | None = None) -> np.ndarray:
+    """(3N, 3N) Cartesian Hessian (eV/Å²) of one structure, dense or chunked (compiled once per size)."""
+    fn = _hessian_fn(model, batch_size)
     g = graph_lib.build_graph([atoms], model.config.cutoff, species=model.config.species,
                               dtype=np.dtype(model.config.dtype), pad_to="tight")
     n = len(atoms)
-    h = np.asarray(jax.jit(fn)(params, g))[:n, :, :n, :]
+    h = np.asarray(fn(params, g))[:n, :, :n, :]
     return h.reshape(3 * n, 3 * n)
 
 
