@@ -107,7 +107,11 @@ def _vibrate(args):
 
     from equijax import checkpoint, vibrations
 
-    model, params, _ = checkpoint.load_model(args.checkpoint)
+    model, params, payload = checkpoint.load_model(args.checkpoint)
+    trained_dipole = ((payload.get("run_config") or {}).get("train", {}).get("weights", {}).get("dipole", 0) or 0) > 0
+    if args.ir and not (trained_dipole and "charges" in params):
+        raise ValueError(f"{args.checkpoint} was not trained on dipoles, so its IR intensities would be "
+                         "meaningless: train with train.weights.dipole=1.0")
     atoms = ase.io.read(args.structure)
     result = vibrations.vibrate(model, params, atoms, relax=args.relax, fmax=args.fmax, batch_size=args.batch_size,
                                 ir=args.ir)
