@@ -48,6 +48,8 @@ def _train(args):
         print(f"  force  MAE {t['forces_mae']:8.1f} meV/Å      RMSE {t['forces_rmse']:8.1f}")
         if "stress_mae" in t:
             print(f"  stress MAE {t['stress_mae']:8.3f} meV/Å³     RMSE {t['stress_rmse']:8.3f}")
+        if "dipole_mae" in t:
+            print(f"  dipole MAE {t['dipole_mae']:8.1f} me·Å       RMSE {t['dipole_rmse']:8.1f}")
         print(f"  (predicting zero forces: MAE {t['zero_force_mae']:.1f} meV/Å, "
               f"{t['zero_force_mae'] / t['forces_mae']:.1f}× worse)")
 

@@ -8,7 +8,9 @@
     matched by order.
 (c) time and peak memory of the Hessian against the number of atoms: dense,
     chunked (32 columns at a time) and finite differences through the
-    calculator (6N force calls), each in a fresh process.
+    calculator (ASE, 4 displacements per coordinate), each in a fresh process;
+    "none" is the same process without a Hessian (imports, model, structure),
+    whose peak RSS is the baseline.
 
 Usage (after ``equijax train train.weights.dipole=1.0 --output runs/dipole``)::
 
@@ -115,9 +117,11 @@ def part_c_worker(method, n_copies, checkpoint_path):
     atoms = _cluster(n_copies)
     model, params, _ = checkpoint.load_model(checkpoint_path)
     model, params = vibrations.float64_model(model, params)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    if method == "fd":
+    first = warm = 0.0
+    if method == "none":  # the baseline: imports, model and structure only
+        pass
+    elif method == "fd":
         _fd_vibrations(atoms, EquijaxCalculator(model=model, params=params))
         first = time.perf_counter() - t0
         warm = first
@@ -128,14 +132,14 @@ def part_c_worker(method, n_copies, checkpoint_path):
         t1 = time.perf_counter()
         vibrations.hessian_2d(model, params, atoms, batch)  # compiled function reused
         warm = time.perf_counter() - t1
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    return {"method": method, "atoms": len(atoms), "first_s": first, "second_s": warm, "peak_mb": peak}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB, whole process
+    return {"method": method, "atoms": len(atoms), "first_s": first, "second_s": warm, "peak_rss_mb": peak}
 
 
 def part_c(checkpoint_path, copies):
     rows = []
     for n in copies:
-        for method in ("dense", "chunked", "fd"):
+        for method in ("none", "dense", "chunked", "fd"):
             proc = subprocess.run([sys.executable, __file__, "--worker", method, str(n), "--checkpoint",
                                    str(checkpoint_path)], capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
