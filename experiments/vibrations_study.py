@@ -162,7 +162,7 @@ def main(argv=None):
     if args.worker:
         print("RESULT " + json.dumps(part_c_worker(args.worker[0], int(args.worker[1]), args.checkpoint)), flush=True)
         return
-    out = {}
+    out = json.loads(args.out.read_text()) if args.out.exists() else {}  # keep the parts not rerun
     if "a" in args.parts or "b" in args.parts:
         out["validation"] = part_a_b(args.checkpoint)
     if "c" in args.parts:
