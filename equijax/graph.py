@@ -341,11 +341,6 @@ def edge_vectors(graph: jraph.GraphsTuple, positions=None, cell=None):
     return positions[graph.senders] - positions[graph.receivers] + offset
 
 
-def num_graphs(graph: jraph.GraphsTuple) -> int:
-    """Number of real graphs (host side)."""
-    return int(np.asarray(graph.globals["mask"]).sum())
-
-
 def num_neighbours(graph: jraph.GraphsTuple) -> float:
     """Average number of neighbours per real atom (host side)."""
     return float(np.asarray(graph.edges["mask"]).sum() / max(np.asarray(graph.nodes["mask"]).sum(), 1))
@@ -363,6 +358,5 @@ __all__ = [
     "node_graph_index",
     "edge_graph_index",
     "edge_vectors",
-    "num_graphs",
     "num_neighbours",
 ]
