@@ -100,9 +100,10 @@ def _cluster(n_copies):
 
     one = read(HERE / "workloads" / "aspirin.xyz")
     atoms = one.copy()
+    side = int(np.ceil(n_copies ** (1 / 3)))
     for k in range(1, n_copies):
         other = one.copy()
-        other.positions += np.array([12.0 * (k % 4), 12.0 * ((k // 4) % 4), 12.0 * (k // 16)])
+        other.positions += 12.0 * np.array([k % side, (k // side) % side, k // side**2])
         atoms += other
     return atoms
 
@@ -133,13 +134,17 @@ def part_c_worker(method, n_copies, checkpoint_path):
         vibrations.hessian_2d(model, params, atoms, batch)  # compiled function reused
         warm = time.perf_counter() - t1
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB, whole process
-    return {"method": method, "atoms": len(atoms), "first_s": first, "second_s": warm, "peak_rss_mb": peak}
+    row = {"method": method, "atoms": len(atoms), "first_s": first, "second_s": warm, "peak_rss_mb": peak,
+           "device": jax.devices()[0].device_kind}
+    if jax.devices()[0].platform == "gpu":
+        row["peak_device_mb"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**20
+    return row
 
 
-def part_c(checkpoint_path, copies, dense_max_atoms=100):
+def part_c(checkpoint_path, copies, dense_max_atoms=100, methods=("none", "dense", "chunked", "fd")):
     rows = []
     for n in copies:
-        for method in ("none", "dense", "chunked", "fd"):
+        for method in methods:
             if method == "dense" and 21 * n > dense_max_atoms:
                 continue  # dense memory grows as N² (4 GB at 84 atoms here): left out on a 24 GB machine
             proc = subprocess.run([sys.executable, __file__, "--worker", method, str(n), "--checkpoint",
@@ -158,6 +163,8 @@ def main(argv=None):
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/dipole/best.pkl"))
     parser.add_argument("--copies", type=int, nargs="+", default=[1, 2, 4, 8], help="aspirin copies for (c)")
     parser.add_argument("--parts", default="abc")
+    parser.add_argument("--methods", nargs="+", default=["none", "dense", "chunked", "fd"])
+    parser.add_argument("--dense-max-atoms", type=int, default=100)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "vibrations_study.json")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -168,7 +175,7 @@ def main(argv=None):
     if "a" in args.parts or "b" in args.parts:
         out["validation"] = part_a_b(args.checkpoint)
     if "c" in args.parts:
-        out["scaling"] = part_c(args.checkpoint, args.copies)
+        out["scaling"] = part_c(args.checkpoint, args.copies, args.dense_max_atoms, args.methods)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
 
