@@ -250,3 +250,185 @@ def shard(stacked, mesh: Mesh):
         return jax.make_array_from_process_local_data(sharding, x[start : start + per_host], x.shape)
 
     return jax.tree_util.tree_map(local, stacked)
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def fit(config: dict, output, resume: bool = True, progress: bool = True, log=print, callback=None) -> dict:
+    """Train a NequIP potential as ``config`` says (see ``equijax/configs/default.yaml``).
+
+    Writes into ``output``: ``checkpoint.pkl`` (latest, for resuming),
+    ``best.pkl`` (best validation), ``metrics.jsonl`` (one line per
+    evaluation) and ``learning_curve.png``. Restarting with the same
+    ``output`` resumes from ``checkpoint.pkl`` and reproduces an
+    uninterrupted run: the data order is a function of (seed, epoch).
+
+    ``callback(step, state)``, if given, runs after every step (tests use it
+    to simulate a kill).
+
+    Returns:
+        dict with the test metrics of the best EMA parameters and paths.
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from equijax import checkpoint, config as config_lib, data as data_lib, io
+    from equijax.models import NequIPConfig, nequip
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    dc, tc = config["data"], config["train"]
+    ckpt_path = output / "checkpoint.pkl"
+    resumed = checkpoint.load(ckpt_path) if resume and ckpt_path.exists() else None
+
+    structures = io.read_many(config_lib.data_paths(dc["train"]))
+    rng = np.random.default_rng(tc.get("seed", 0))
+    order = rng.permutation(len(structures))
+    n_valid = max(1, int(round(dc.get("valid_fraction", 0.1) * len(structures))))
+    if dc.get("max_train"):
+        order = np.concatenate([order[:n_valid], order[n_valid : n_valid + int(dc["max_train"])]])
+    valid = [structures[i] for i in order[:n_valid]]
+    train = [structures[i] for i in order[n_valid:]]
+
+    if resumed is not None:
+        model_cfg = NequIPConfig.from_dict(resumed["config"])
+        log(f"resuming from {ckpt_path} at step {int(resumed['step'])}")
+    else:
+        base = NequIPConfig.from_dict({**NequIPConfig().to_dict(), **config.get("model", {}),
+                                       "species": (1,)})
+        stats = data_lib.statistics(train, base.cutoff, dc.get("species"))
+        model_cfg = base.replace(species=stats.species, energy_shift=stats.energy_shift,
+                                 energy_scale=stats.energy_scale, avg_num_neighbours=stats.avg_num_neighbours)
+        log(f"{len(train)} training, {len(valid)} validation frames; species {list(stats.species)}; "
+            f"avg neighbours {stats.avg_num_neighbours:.1f}; force RMS {stats.force_rms:.3f} eV/Å")
+    model = nequip(model_cfg)
+    mesh = data_mesh()
+    dtype = np.float64 if model_cfg.dtype == "float64" else np.float32
+    bs = int(tc.get("batch_size", 16))
+    train_set = data_lib.Dataset(train, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
+    valid_set = data_lib.Dataset(valid, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
+    steps_per_epoch = max(train_set.num_batches(drop_last=True), 1)
+    max_steps = int(tc.get("max_steps", 1000))
+    weights = LossWeights(**tc.get("weights", {}))
+    with_stress = weights.stress > 0
+    dipole_fn = model.dipole if weights.dipole > 0 else None
+    opt = optimizer(float(tc.get("learning_rate", 5e-3)), int(tc.get("warmup_steps", 50)), max_steps,
+                    tc.get("schedule", "cosine"), float(tc.get("clip_norm", 10.0)))
+    plateau = Plateau(int(tc.get("plateau_patience", 5)), float(tc.get("plateau_factor", 0.5)),
+                      stop_patience=int(tc.get("early_stopping_patience", 20)))
+
+    if resumed is not None:
+        state = jax.tree_util.tree_map(jnp.asarray, TrainState(resumed["params"], resumed["ema_params"],
+                                                               _restore_opt_state(opt, resumed), resumed["step"]))
+        plateau.load_state_dict(resumed["plateau"])
+    else:
+        state = init_state(model.init(jax.random.PRNGKey(int(tc.get("seed", 0)))), opt)
+    state = replicate(state, mesh)
+    step_fn = jax.jit(train_step(model.energy, opt, weights, float(tc.get("ema_decay", 0.99)), dipole_fn),
+                      donate_argnums=0)
+    eval_fn = jax.jit(evaluator(model.energy, with_stress, dipole_fn))
+    eval_every = int(tc.get("eval_every", 100))
+
+    def validate(params):
+        total = None
+        for batch in valid_set.batches():
+            sums = jax.device_get(eval_fn(params, shard(batch, mesh)))
+            total = sums if total is None else jax.tree_util.tree_map(lambda a, b: a + b, total, sums)
+        return metrics(total)
+
+    def save(path, extra=None):
+        checkpoint.save(path, config=model_cfg.to_dict(), params=state.params, ema_params=state.ema_params,
+                        opt_state=jax.tree_util.tree_leaves(state.opt_state), step=state.step,
+                        plateau=plateau.state_dict(), run_config=config, **(extra or {}))
+
+    metrics_path = output / "metrics.jsonl"
+    step = int(state.step)
+    if resumed is None and metrics_path.exists():
+        metrics_path.unlink()
+    t0 = time.time()
+    bar = tqdm(total=max_steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True,
+               mininterval=1.0)
+    stop = False
+    while step < max_steps and not stop:
+        epoch, skip = divmod(step, steps_per_epoch)
+        for k, batch in enumerate(train_set.batches(shuffle=True, seed=int(tc.get("seed", 0)) * 100_003 + epoch,
+                                                    drop_last=True)):
+            if k < skip:
+                continue
+            state, m = step_fn(state, shard(batch, mesh))
+            step += 1
+            if step % 10 == 0 or step == max_steps:
+                m = jax.device_get(m)
+                bar.set_postfix(loss=f"{float(m['loss']):.4f}", F_rmse=f"{1000 * float(m['forces_rmse']):.0f} meV/Å",
+                                lr=f"{lr_factor(state.opt_state):.2g}×")
+            bar.update(1)
+            if callback is not None:
+                callback(step, state)
+            if step % eval_every == 0 or step == max_steps:
+                v = validate(state.ema_params)
+                factor, improved, stop = plateau.update(v["forces_rmse"] + v["energy_rmse"], lr_factor(state.opt_state))
+                if tc.get("schedule", "cosine") == "plateau":
+                    state = state._replace(opt_state=set_lr_factor(state.opt_state, factor))
+                record = {"step": step, "epoch": step / steps_per_epoch, "time_s": time.time() - t0,
+                          "train_loss": float(jax.device_get(m["loss"])), **{f"valid_{k}": x for k, x in v.items()}}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.write(f"step {step:6d}  valid: E MAE {v['energy_mae']:.2f} meV/atom, "
+                          f"F MAE {v['forces_mae']:.1f} meV/Å")
+                if improved:
+                    save(output / "best.pkl")
+                save(ckpt_path)
+            if step >= max_steps or stop:
+                break
+    bar.close()
+    if stop:
+        log(f"early stopping at step {step}: no validation improvement for {plateau.stop_patience} evaluations")
+
+    plot_learning_curve(metrics_path, output / "learning_curve.png")
+    result = {"steps": step, "train_time_s": time.time() - t0, "output": str(output)}
+    if dc.get("test"):
+        best_model, best_params, _ = checkpoint.load_model(output / "best.pkl")
+        test = io.read_many(config_lib.data_paths(dc["test"]))
+        test_set = data_lib.Dataset(test, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
+        result["test"] = evaluate(best_model.energy, best_params, test_set, with_stress, mesh,
+                                  best_model.dipole if dipole_fn is not None else None)
+        forces = np.concatenate([s.labels["forces"].ravel() for s in test])
+        result["test"]["zero_force_mae"] = 1000 * float(np.abs(forces).mean())
+        result["n_test"] = len(test)
+    with open(output / "result.json", "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def _restore_opt_state(opt, payload):
+    """Rebuild the optimiser state pytree from the saved leaves."""
+    template = opt.init(jax.tree_util.tree_map(jnp.asarray, payload["params"]))
+    treedef = jax.tree_util.tree_structure(template)
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in payload["opt_state"]])
+
+
+def plot_learning_curve(metrics_path, png_path):
+    """Validation MAEs against steps (PNG)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in open(metrics_path)] if metrics_path.exists() else []
+    if not rows:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    steps = [r["step"] for r in rows]
+    ax[0].plot(steps, [r["valid_energy_mae"] for r in rows], "o-")
+    ax[0].set(xlabel="step", ylabel="energy MAE (meV/atom)", yscale="log", title="validation, EMA params")
+    ax[1].plot(steps, [r["valid_forces_mae"] for r in rows], "o-", color="C1")
+    ax[1].set(xlabel="step", ylabel="force MAE (meV/Å)", yscale="log")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
