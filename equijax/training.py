@@ -66,6 +66,9 @@ def _errors(energy_fn, with_stress, dipole_fn=None):
 
 
 def _summed(errors, params, stacked):
+    if stacked.n_node.shape[0] == 1:
+        # one shard: skip the vmap, whose size-1 batch axis makes XLA's CPU scatters slower
+        return errors(params, jax.tree_util.tree_map(lambda x: x[0], stacked))
     per_shard = jax.vmap(errors, in_axes=(None, 0))(params, stacked)
     return jax.tree_util.tree_map(lambda x: x.sum(0), per_shard)
 
