@@ -11,12 +11,29 @@ structures of similar size reuse the same compiled functions.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
 from equijax import checkpoint, graph as graph_lib, physics
 from ase.stress import full_3x3_to_voigt_6_stress
+
+
+class Compiled(NamedTuple):
+    energy_forces_stress: object  # jitted physics.energy_forces_stress
+    hessian: object  # jitted dense or chunked Hessian
+
+
+@functools.lru_cache(maxsize=16)
+def compiled(model, hessian_batch_size=None) -> Compiled:
+    """Jitted functions of a model, shared by every calculator and analysis of it,
+    so that a new calculator on the same model compiles nothing again."""
+    hess = physics.hessian(model.energy) if hessian_batch_size is None else \
+        physics.hessian_chunked(model.energy, hessian_batch_size)
+    return Compiled(jax.jit(physics.energy_forces_stress(model.energy)), jax.jit(hess))
 
 
 class EquijaxCalculator(Calculator):
@@ -40,10 +57,7 @@ class EquijaxCalculator(Calculator):
             raise ValueError("give a checkpoint path, or both model and params")
         self.model, self.params = model, params
         self.dtype = np.float64 if model.config.dtype == "float64" else np.float32
-        self._efs = jax.jit(physics.energy_forces_stress(model.energy))
-        hess = physics.hessian(model.energy) if hessian_batch_size is None else \
-            physics.hessian_chunked(model.energy, hessian_batch_size)
-        self._hessian = jax.jit(hess)
+        self._efs, self._hessian = compiled(model, hessian_batch_size)
 
     def _graph(self, atoms):
         return graph_lib.build_graph([atoms], self.model.config.cutoff, species=self.model.config.species,

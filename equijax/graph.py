@@ -305,6 +305,11 @@ def build_graph(
     )
 
 
+def padded_sizes(graph: jraph.GraphsTuple) -> tuple[int, int, int]:
+    """``(n_node, n_edge, n_graph)`` of a padded graph: pass as ``pad_to`` to match it."""
+    return graph.nodes["mask"].shape[0], graph.senders.shape[0], graph.n_node.shape[0]
+
+
 def stack_graphs(graphs: Sequence[jraph.GraphsTuple]) -> jraph.GraphsTuple:
     """Stack equally padded graphs along a new leading axis (for ``vmap``)."""
     import jax
@@ -354,6 +359,7 @@ __all__ = [
     "bucket",
     "pad_sizes",
     "build_graph",
+    "padded_sizes",
     "stack_graphs",
     "node_graph_index",
     "edge_graph_index",

@@ -47,7 +47,7 @@ def equivariance_errors(energy_fn, params, structure, cutoff, key=jax.random.PRN
     s0 = graph_lib._as_structure(structure)
     s1 = transform(s0, rot, shift if not np.any(s0.pbc) else np.zeros(3))
     g0 = graph_lib.build_graph([s0], cutoff, dtype=dtype)
-    g1 = graph_lib.build_graph([s1], cutoff, pad_to=_sizes(g0), dtype=dtype)
+    g1 = graph_lib.build_graph([s1], cutoff, pad_to=graph_lib.padded_sizes(g0), dtype=dtype)
     efs = jax.jit(physics.energy_forces_stress(energy_fn))
     a, b = efs(params, g0), efs(params, g1)
     n = len(s0.positions)
@@ -64,6 +64,3 @@ def equivariance_errors(energy_fn, params, structure, cutoff, key=jax.random.PRN
         errs["hessian"] = float(np.abs(hb - rotated).max())
     return errs
 
-
-def _sizes(g):
-    return (g.nodes["mask"].shape[0], g.senders.shape[0], g.n_node.shape[0])

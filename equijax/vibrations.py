@@ -158,15 +158,11 @@ class VibrationalResult(NamedTuple):
                 "gibbs": t.get_gibbs_energy(temperature, pressure, verbose=False)}
 
 
-@functools.lru_cache(maxsize=16)
-def _hessian_fn(model, batch_size):
-    fn = physics.hessian(model.energy) if batch_size is None else physics.hessian_chunked(model.energy, batch_size)
-    return jax.jit(fn)
-
-
 def hessian_2d(model, params, atoms, batch_size: int | None = None) -> np.ndarray:
     """(3N, 3N) Cartesian Hessian (eV/Å²) of one structure, dense or chunked (compiled once per size)."""
-    fn = _hessian_fn(model, batch_size)
+    from equijax.calculator import compiled
+
+    fn = compiled(model, batch_size).hessian
     g = graph_lib.build_graph([atoms], model.config.cutoff, species=model.config.species,
                               dtype=np.dtype(model.config.dtype), pad_to="tight")
     n = len(atoms)
@@ -184,7 +180,7 @@ def vibrate_many(model, params, molecules, ir: bool = False) -> list[Vibrational
     model64, params64 = float64_model(model, params)
     cfg = model64.config
     graphs = [graph_lib.build_graph([a], cfg.cutoff, species=cfg.species, dtype=np.float64) for a in molecules]
-    sizes = tuple(max(s) for s in zip(*[(g.nodes["mask"].shape[0], g.senders.shape[0], 2) for g in graphs]))
+    sizes = tuple(max(s) for s in zip(*[graph_lib.padded_sizes(g) for g in graphs]))
     graphs = [graph_lib.build_graph([a], cfg.cutoff, species=cfg.species, dtype=np.float64, pad_to=sizes)
               for a in molecules]
     stacked = graph_lib.stack_graphs(graphs)

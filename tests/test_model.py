@@ -12,10 +12,6 @@ from equijax import physics, testing
 from structures import copper, methanol
 
 
-def sizes(g):
-    return (g.nodes["mask"].shape[0], g.senders.shape[0], g.n_node.shape[0])
-
-
 def build(structures, cfg, **kw):
     return G.build_graph(structures, cfg.cutoff, species=cfg.species, dtype=np.float64, **kw)
 
@@ -178,7 +174,7 @@ def test_no_recompilation_for_same_padded_shapes(small_config, small_model):
     model, params = small_model
     ef = jax.jit(physics.energy_and_forces(model.energy))
     g1 = build([methanol(0), methanol(1)], small_config)
-    g2 = build([methanol(2), methanol(3)], small_config, pad_to=sizes(g1))
+    g2 = build([methanol(2), methanol(3)], small_config, pad_to=G.padded_sizes(g1))
     ef(params, g1)
     n = ef._cache_size()
     ef(params, g2)
