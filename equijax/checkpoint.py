@@ -1,37 +1,109 @@
-"""Checkpoints: written atomically, read back exactly.
+"""Model files and checkpoints that cannot carry code, written atomically.
 
-A checkpoint is one file holding the model config, params, EMA params,
-optimiser state, step, data statistics and any extra host state (plateau
-counters, RNG seed). It is written to a temporary file in the same folder,
-flushed to disk and renamed over the old one, so a kill at any moment leaves
-either the old or the new checkpoint, never a partial file.
+Two kinds of file, one format:
 
-The format is a pickle of NumPy arrays and plain containers: load only
-checkpoints you trust.
+* a **checkpoint** (``checkpoint.npz`` in a run folder): everything needed to
+  resume training exactly (params, EMA params, optimiser state, step,
+  plateau counters, the validated run config);
+* a **model file** (``model.npz``): what a user needs to evaluate a trained
+  potential (model config, EMA params, data statistics, provenance), no
+  optimiser state. The calculator, the CLI and :func:`equijax.load` read it.
+
+The format is a zip of ``.npy`` arrays (``numpy.savez``) plus one member,
+``__meta__``, holding UTF-8 JSON: the format name and version, plain
+metadata, and the tree structure of every pytree with its array leaves named.
+Reading uses ``numpy.load(allow_pickle=False)`` and ``json``: object arrays
+are refused, only numeric dtypes are accepted, and nothing in the file is
+ever unpickled or evaluated. Pickle checkpoints of equijax 0.1 are refused
+with the one-off conversion command (``equijax convert OLD.pkl NEW.npz
+--trust-pickle``), the only place a pickle is ever opened, and only when the
+user vouches for the file.
+
+Writes go to a temporary file in the same folder, are flushed to disk and
+renamed over the target, so a kill at any moment leaves either the old or
+the new file, never a partial one.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import tempfile
+import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
-FORMAT = "equijax-checkpoint-1"
+CHECKPOINT = "equijax-checkpoint"
+MODEL = "equijax-model"
+VERSION = 2  # version 1 was the pickle format of equijax 0.1
+META = "__meta__"
+_ZIP_MAGIC = b"PK\x03\x04"
+_NUMERIC_KINDS = "biufc"
+CONVERT_HINT = ("if you trust this file, convert it once with: equijax convert {path} NEW.npz --trust-pickle "
+                "(converting unpickles it, which can run code)")
 
 
-def save(path, **content) -> Path:
-    """Atomically write ``content`` (pytrees and plain values) to ``path``."""
+class CheckpointError(ValueError):
+    """A file that is not a readable equijax checkpoint or model file."""
+
+
+# ------------------------------------------------------------ tree <-> JSON
+
+
+def _encode(tree, arrays: dict):
+    """A JSON-able description of ``tree``; its array leaves go into ``arrays``."""
+    if isinstance(tree, dict):
+        if not all(isinstance(k, str) for k in tree):
+            raise TypeError("checkpoint dicts need string keys")
+        return {"dict": {k: _encode(v, arrays) for k, v in tree.items()}}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return {"list" if isinstance(tree, list) else "tuple": [_encode(v, arrays) for v in tree]}
+    if tree is None or isinstance(tree, (bool, str)):
+        return {"value": tree}
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return {"value": tree}
+    array = np.asarray(jax.device_get(tree))
+    if array.dtype.kind not in _NUMERIC_KINDS:
+        raise TypeError(f"cannot store an array of dtype {array.dtype} (numbers only)")
+    name = f"a{len(arrays)}"
+    arrays[name] = array
+    return {"array": name}
+
+
+def _decode(node, arrays, where="meta"):
+    if not isinstance(node, dict) or len(node) != 1:
+        raise CheckpointError(f"malformed tree node at {where}")
+    (kind, value), = node.items()
+    if kind == "dict" and isinstance(value, dict):
+        return {k: _decode(v, arrays, f"{where}.{k}") for k, v in value.items()}
+    if kind in ("list", "tuple") and isinstance(value, list):
+        items = [_decode(v, arrays, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if kind == "list" else tuple(items)
+    if kind == "value" and (value is None or isinstance(value, (bool, int, float, str))):
+        return value
+    if kind == "array" and isinstance(value, str):
+        if value not in arrays:
+            raise CheckpointError(f"array {value!r} named at {where} is missing (truncated file?)")
+        return arrays[value]
+    raise CheckpointError(f"malformed tree node {kind!r} at {where}")
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _write(path, kind: str, content: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, **jax.device_get(content)}  # arrays to NumPy, the rest as is
+    arrays: dict = {}
+    meta = {"format": kind, "version": VERSION, "tree": _encode(dict(content), arrays)}
+    arrays[META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+            np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,31 +114,136 @@ def save(path, **content) -> Path:
     return path
 
 
+def save(path, **content) -> Path:
+    """Atomically write a training checkpoint.
+
+    ``content``: pytrees (dicts with string keys, lists, tuples) of arrays
+    and plain JSON values (numbers, strings, booleans, ``None``).
+    """
+    return _write(path, CHECKPOINT, content)
+
+
+def save_model(path, config: dict, params, **metadata) -> Path:
+    """Atomically write a model file: ``config`` (``NequIPConfig.to_dict()``),
+    parameters (the EMA ones, for a trained model) and plain metadata."""
+    return _write(path, MODEL, {"config": config, "params": params, **metadata})
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _read(path) -> tuple[str, dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80" or path.suffix == ".pkl":
+        raise CheckpointError(f"{path} is a pickle (equijax 0.1 checkpoint format), which could run code "
+                              f"when loaded and is refused; " + CONVERT_HINT.format(path=path))
+    if head != _ZIP_MAGIC:
+        raise CheckpointError(f"{path}: not an equijax checkpoint or model file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.files)
+            if META not in names:
+                raise CheckpointError(f"{path}: not an equijax checkpoint or model file (no {META})")
+            arrays = {}
+            for name in names:
+                a = z[name]
+                if a.dtype.kind not in _NUMERIC_KINDS:
+                    raise CheckpointError(f"{path}: array {name!r} has dtype {a.dtype}; only numbers are allowed")
+                arrays[name] = a
+    except CheckpointError:
+        raise
+    except ValueError as err:  # object arrays (allow_pickle=False), bad headers
+        raise CheckpointError(f"{path}: refused ({err})") from err
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as err:
+        raise CheckpointError(f"{path}: not a readable equijax file, truncated or corrupt "
+                              f"({type(err).__name__}: {err})") from err
+    try:
+        meta = json.loads(arrays.pop(META).tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable metadata ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") not in (CHECKPOINT, MODEL):
+        raise CheckpointError(f"{path}: not an equijax checkpoint or model file")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: format version {meta.get('version')!r}; this equijax reads version {VERSION}")
+    content = _decode(meta.get("tree"), arrays)
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path}: malformed metadata")
+    return meta["format"], content
+
+
 def load(path) -> dict:
-    """Read a checkpoint written by :func:`save`.
+    """Read a training checkpoint written by :func:`save`.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not an equijax checkpoint, or truncated.
+        CheckpointError (a ``ValueError``): a pickle, a model file, an object
+            array, a truncated or foreign file.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        with open(path, "rb") as f:
-            payload = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable equijax checkpoint ({err})") from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an equijax checkpoint")
-    return payload
+    kind, content = _read(path)
+    if kind != CHECKPOINT:
+        raise CheckpointError(f"{path} is a model file (no optimiser state): it cannot resume training")
+    return content
 
 
-def load_model(path):
-    """``(model, params, payload)`` from a checkpoint: EMA params when present."""
+class Loaded(NamedTuple):
+    """A potential read from disk: ``model, params, metadata = equijax.load(path)``."""
+
+    model: object  # equijax.Potential
+    params: dict
+    metadata: dict  # everything else the file holds (run config, statistics, step, ...)
+
+
+def load_model(path) -> Loaded:
+    """A potential from a model file or a checkpoint (its EMA parameters).
+
+    Raises:
+        FileNotFoundError, CheckpointError: as :func:`load`.
+    """
     from equijax.models import NequIPConfig, nequip
 
-    payload = load(path)
-    model = nequip(NequIPConfig.from_dict(payload["config"]))
-    params = payload.get("ema_params", payload["params"])
-    return model, jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x), params), payload
+    _, content = _read(path)
+    if "config" not in content or "params" not in content:
+        raise CheckpointError(f"{path}: holds no model (config and params)")
+    try:
+        config = NequIPConfig.from_dict(content["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: bad model config ({err})") from err
+    params = content["ema_params"] if content.get("ema_params") is not None else content["params"]
+    metadata = {k: v for k, v in content.items() if k not in ("params", "ema_params", "opt_state", "config")}
+    return Loaded(nequip(config), jax.tree_util.tree_map(jax.numpy.asarray, params), metadata)
+
+
+def export_model(checkpoint_path, model_path) -> Path:
+    """Write the small model file (config, EMA params, metadata) of a checkpoint."""
+    content = load(checkpoint_path)
+    extra = {k: v for k, v in content.items() if k not in ("params", "ema_params", "opt_state", "config", "plateau")}
+    ema = content.get("ema_params")
+    return save_model(model_path, content["config"], ema if ema is not None else content["params"], **extra)
+
+
+def convert_pickle(old_path, new_path, trust_pickle: bool = False) -> Path:
+    """Convert an equijax 0.1 pickle checkpoint to this format (one-off).
+
+    Unpickling can run arbitrary code, so this refuses unless the caller
+    states that the file is trusted (``trust_pickle=True``,
+    ``equijax convert --trust-pickle``).
+    """
+    if not trust_pickle:
+        raise CheckpointError(f"converting {old_path} unpickles it, which can run code: pass --trust-pickle "
+                              "(trust_pickle=True) only for files you made yourself or otherwise trust")
+    import pickle
+
+    with open(old_path, "rb") as f:
+        payload = pickle.load(f)  # the user vouched for this file
+    if not isinstance(payload, dict) or payload.get("format") != "equijax-checkpoint-1":
+        raise CheckpointError(f"{old_path}: not an equijax 0.1 checkpoint")
+    payload = {k: v for k, v in payload.items() if k != "format"}
+    payload["config"] = {"message_normalization": "mean", **payload["config"]}  # equijax 0.1 divided by N
+    if "opt_state" in payload:
+        return save(new_path, **payload)
+    params, ema = payload.pop("params"), payload.pop("ema_params", None)
+    return save_model(new_path, payload.pop("config"), ema if ema is not None else params, **payload)
