@@ -1,9 +1,16 @@
 """The ``equijax`` command line.
 
     equijax train [CONFIG.yaml] [key=value ...]   train a potential (default config ships with the package)
-    equijax evaluate CHECKPOINT DATA [DATA ...]   metrics table and parity plots
-    equijax vibrate CHECKPOINT STRUCTURE          frequencies, modes, IR, thermochemistry
-    equijax phonons CHECKPOINT CRYSTAL            phonons at Γ and along a band path
+    equijax config [CONFIG.yaml] [key=value ...]  every config key with its type, default and unit
+    equijax evaluate MODEL DATA [DATA ...]        metrics table and parity plots
+    equijax vibrate MODEL STRUCTURE               frequencies, modes, IR, thermochemistry
+    equijax phonons MODEL CRYSTAL                 phonons at Γ and along a band path
+    equijax export CHECKPOINT MODEL               the small model file of a training checkpoint
+    equijax convert OLD.pkl NEW.npz --trust-pickle   one-off conversion of an equijax 0.1 pickle
+
+Every error is one line on stderr and a non-zero exit (``--debug`` shows the
+traceback). MODEL is a model file (``model.npz``) or a checkpoint; neither is
+ever unpickled.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ EPILOG = """examples:
   equijax train                                   # default: ethanol + aspirin (GFN2-xTB), a few CPU minutes
   equijax train train.max_steps=200 output=runs/quick
   equijax train my.yaml model.l_max=2 model.channels=32 train.batch_size=32
-  equijax evaluate runs/default/best.pkl equijax/data/aspirin_test.xyz
-  equijax vibrate runs/default/best.pkl experiments/workloads/aspirin.xyz --relax
+  equijax train train.max_steps=200 --output runs/quick train.seed=1   # overrides go anywhere
+  equijax config                                  # every key, type, default and unit
+  equijax evaluate runs/default/model.npz equijax/data/aspirin_test.xyz
+  equijax vibrate runs/default/model.npz experiments/workloads/aspirin.xyz --relax
 
 units: energies eV, forces eV/Å, stress eV/Å³; MAEs are printed in meV/atom and meV/Å.
 """
@@ -31,16 +40,13 @@ def _train(args):
         import jax
 
         jax.distributed.initialize()  # reads the cluster from the environment (SLURM, Open MPI, ...)
-    overrides = list(args.overrides)
-    config_path = args.config
-    if config_path and "=" in config_path:
-        overrides.insert(0, config_path)
-        config_path = None
-    config = config_lib.load(config_path, overrides)
-    output = Path(config.pop("output", None) or args.output)
-    result = training.fit(config, output, resume=not args.restart, progress=not args.no_progress)
+    config = config_lib.load(args.config, args.overrides)
+    output = Path(args.output or config["output"] or "runs/default")
+    config["output"] = None  # where a run lives is not part of what it is
+    result = training.fit(config, output, resume=not args.restart, progress=not args.no_progress,
+                          accept_changes=args.accept_changes)
     print()
-    print(f"trained {result['steps']} steps in {result['train_time_s']:.0f} s; outputs in {output}/")
+    print(f"trained {result['steps']} steps in {result['train_time_s']:.0f} s; model file {output}/model.npz")
     if "test" in result:
         t = result["test"]
         print(f"test set ({result['n_test']} frames, best EMA parameters):")
@@ -54,6 +60,35 @@ def _train(args):
               f"{t['zero_force_mae'] / t['forces_mae']:.1f}× worse)")
 
 
+def _config(args):
+    import yaml
+
+    from equijax import config as config_lib
+
+    if args.config is None and not args.overrides:
+        print("Every key of a run config (YAML sections data, model, train), with its default, [unit] and type.\n"
+              "Set them in a YAML file or as overrides: equijax train my.yaml model.l_max=2 train.seed=1")
+        print(config_lib.describe())
+        return
+    config = config_lib.load(args.config, args.overrides)
+    print(f"# valid; the complete config with defaults filled in")
+    print(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), end="")
+
+
+def _export(args):
+    from equijax import checkpoint
+
+    path = checkpoint.export_model(args.checkpoint, args.model)
+    print(f"model file {path} ({path.stat().st_size / 1e6:.2f} MB): config and EMA parameters")
+
+
+def _convert(args):
+    from equijax import checkpoint
+
+    path = checkpoint.convert_pickle(args.old, args.new, trust_pickle=args.trust_pickle)
+    print(f"converted {args.old} -> {path}")
+
+
 def _evaluate(args):
     import jax
     import numpy as np
@@ -65,11 +100,13 @@ def _evaluate(args):
     out = Path(args.output or Path(args.checkpoint).with_suffix("").as_posix() + "_eval")
     out.mkdir(parents=True, exist_ok=True)
     derive = jax.jit(jax.vmap(physics.energy_forces_stress(model.energy), in_axes=(None, 0)))
+    dtype = np.float64 if cfg.dtype == "float64" else np.float32
+    sets = [data_lib.Dataset(io.read(path, species=cfg.species), cfg.cutoff, args.batch_size, cfg.species, 1, dtype)
+            for path in args.data]
+    pad_to = tuple(np.max([ds.pad_to for ds in sets], axis=0).tolist())  # one shape: one compilation
     rows = []
-    for path in args.data:
-        structures = io.read(path, species=cfg.species)
-        ds = data_lib.Dataset(structures, cfg.cutoff, args.batch_size, cfg.species, 1,
-                              np.float64 if cfg.dtype == "float64" else np.float32)
+    for path, ds in zip(args.data, sets):
+        ds.pad_to = pad_to
         e_ref, e_pred, f_ref, f_pred, n_atoms = [], [], [], [], []
         for batch in ds.batches():
             res = jax.device_get(derive(params, batch))
@@ -215,27 +252,47 @@ def _parity_plot(e_ref, e_pred, f_ref, f_pred, path, title):
     plt.close(fig)
 
 
+class UsageError(Exception):
+    """A command line that does not parse."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="equijax", description="E(3)-equivariant interatomic potentials in JAX.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="equijax", description="E(3)-equivariant interatomic potentials in JAX.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a potential from a YAML config",
                        description="Train a NequIP potential. With no CONFIG the shipped default "
                                    "(equijax/configs/default.yaml) trains on the bundled GFN2-xTB data. "
-                                   "A run resumes from OUTPUT/checkpoint.pkl if it exists.",
+                                   "Overrides (section.key=value) may stand anywhere; every key, its type, "
+                                   "default and unit: `equijax config`. Writes OUTPUT/model.npz (the model "
+                                   "file), checkpoint.npz, metrics.jsonl, learning_curve.png, result.json. A run "
+                                   "resumes from OUTPUT/checkpoint.npz if it exists, and stops if the config "
+                                   "differs from the checkpoint's.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", nargs="?", help="YAML config (default: the shipped default.yaml)")
-    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=500")
-    t.add_argument("--output", default="runs/default", help="run folder (default: runs/default)")
+    t.add_argument("--output", help="run folder (default: the config's output, else runs/default)")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
+    t.add_argument("--accept-changes", action="store_true",
+                   help="resume even though the config differs from the checkpoint's (the new values apply)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     t.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host data parallel)")
     t.set_defaults(func=_train)
-    e = sub.add_parser("evaluate", help="metrics and parity plots of a checkpoint on data files",
-                       description="Evaluate a checkpoint (its EMA parameters) on labelled data files "
-                                   "(.xyz/.extxyz, rMD17 .npz, ASE .db).")
-    e.add_argument("checkpoint")
+    c = sub.add_parser("config", help="every config key with its type, default and unit; or check a config",
+                       description="With no arguments: the schema of run configs. With a CONFIG and/or "
+                                   "overrides: validate them and print the complete config.")
+    c.add_argument("config", nargs="?", help="YAML config to check")
+    c.set_defaults(func=_config)
+    e = sub.add_parser("evaluate", help="metrics and parity plots of a model on data files",
+                       description="Evaluate a model file or checkpoint (its EMA parameters) on labelled data "
+                                   "files (.xyz/.extxyz, rMD17 .npz, ASE .db).")
+    e.add_argument("checkpoint", metavar="MODEL", help="model.npz or checkpoint.npz")
     e.add_argument("data", nargs="+")
     e.add_argument("--output", help="folder for plots and metrics.json (default: next to the checkpoint)")
     e.add_argument("--batch-size", type=int, default=16)
@@ -245,7 +302,7 @@ def parser() -> argparse.ArgumentParser:
                                    "relaxation, rigid-body projection, frequencies (cm⁻¹), normal modes (Jmol "
                                    "xyz), spectrum plot and ideal-gas (molecule) or harmonic (crystal) "
                                    "thermochemistry.")
-    v.add_argument("checkpoint")
+    v.add_argument("checkpoint", metavar="MODEL", help="model.npz or checkpoint.npz")
     v.add_argument("structure", help="any file ASE reads (xyz, extxyz, cif, POSCAR, ...)")
     v.add_argument("--relax", action="store_true", help="BFGS relaxation first")
     v.add_argument("--fmax", type=float, default=1e-3, help="relaxation threshold, eV/Å (default 1e-3)")
@@ -259,7 +316,7 @@ def parser() -> argparse.ArgumentParser:
                         description="Phonons from the exact autodiff force constants of a supercell: only the "
                                     "Hessian columns of one primitive cell are computed. Writes a band-structure "
                                     "plot (meV) along a path of the Brillouin zone.")
-    ph.add_argument("checkpoint")
+    ph.add_argument("checkpoint", metavar="MODEL", help="model.npz or checkpoint.npz")
     ph.add_argument("structure", help="primitive cell, any periodic file ASE reads")
     ph.add_argument("--supercell", type=int, nargs=3, default=[3, 3, 3])
     ph.add_argument("--path", default=None, help="special points, e.g. GXWKGLUWLK (default: ASE's for the lattice)")
@@ -267,16 +324,58 @@ def parser() -> argparse.ArgumentParser:
     ph.add_argument("--batch-size", type=int, default=16, help="Hessian columns per batch")
     ph.add_argument("--output", help="output folder (default: STRUCTURE_phonons)")
     ph.set_defaults(func=_phonons)
+    x = sub.add_parser("export", help="write the small model file (config + EMA parameters) of a checkpoint")
+    x.add_argument("checkpoint", help="checkpoint.npz of a run")
+    x.add_argument("model", help="model file to write, e.g. model.npz")
+    x.set_defaults(func=_export)
+    cv = sub.add_parser("convert", help="convert an equijax 0.1 pickle checkpoint (trusted files only)",
+                        description="One-off conversion of a pickle checkpoint of equijax 0.1 to the current "
+                                    "format. Unpickling can run arbitrary code, so this needs --trust-pickle: "
+                                    "use it only for files you made yourself or otherwise trust.")
+    cv.add_argument("old", help="the .pkl file")
+    cv.add_argument("new", help="the .npz file to write")
+    cv.add_argument("--trust-pickle", action="store_true", help="I trust this file: unpickle it")
+    cv.set_defaults(func=_convert)
     return p
 
 
+def _parse(argv):
+    """Parse, letting ``key=value`` overrides stand anywhere after ``train``/``config``."""
+    args, extra = parser().parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see equijax {args.command} --help)")
+    if args.command in ("train", "config"):
+        if args.config and "=" in args.config and not args.config.startswith("-"):
+            overrides.insert(0, args.config)  # `equijax train a=1`: no config file, an override
+            args.config = None
+        args.overrides = overrides
+    elif overrides:
+        raise UsageError(f"unrecognized arguments: {' '.join(overrides)} (see equijax {args.command} --help)")
+    return args
+
+
 def main(argv=None):
-    args = parser().parse_args(argv)
+    """Run the command line; every error is one line on stderr and exit code 2 (1: internal)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
+        args = _parse(argv)
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"equijax: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except KeyboardInterrupt:
+        print("equijax: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001: the CLI's contract is one line, never a traceback
+        if debug:
+            raise
+        user_error = isinstance(err, (UsageError, ValueError, FileNotFoundError, IsADirectoryError,
+                                      PermissionError, RuntimeError, TypeError))
+        message = " ".join(str(err).split()) or type(err).__name__
+        if not user_error:
+            message = f"{type(err).__name__}: {message} (an internal error: please report it; --debug shows more)"
+        print(f"equijax: error: {message}", file=sys.stderr)
+        sys.exit(2 if user_error else 1)
 
 
 if __name__ == "__main__":
