@@ -20,12 +20,13 @@ class Statistics(NamedTuple):
 
     Attributes:
         species: sorted atomic numbers present.
-        energy_shift: per-species energy (eV), least squares of
-            ``E ≈ Σ_atoms shift[Z]`` over the frames.
+        energy_shift: per-species energy (eV), see :func:`energy_shift`.
         energy_scale: per-species scale of atomic energies (eV), the RMS force
             component times 1 Å, the same for every species (NequIP's choice).
         avg_num_neighbours: mean neighbours per atom within the cutoff.
         force_rms: RMS force component, eV/Å (the zero-force baseline's RMSE).
+        warning: a message when the compositions do not determine the
+            shift (a rank-deficient fit), else ``None``.
     """
 
     species: tuple
@@ -33,19 +34,65 @@ class Statistics(NamedTuple):
     energy_scale: tuple
     avg_num_neighbours: float
     force_rms: float
+    warning: str | None = None
 
 
-def statistics(structures: Sequence[Structure], cutoff: float, species: Sequence[int] | None = None) -> Statistics:
+def energy_shift(counts: np.ndarray, energies: np.ndarray, species: Sequence[int], e0s: dict | None = None):
+    """Per-species energy shift, and a note when the data cannot fix it.
+
+    Without isolated-atom energies: least squares of ``E ≈ counts @ shift``.
+    With them (``e0s``): ``shift = E0 + b``, where ``b`` are the smallest
+    (minimum-norm) per-element binding energies that fit the training
+    energies relative to isolated atoms, ``E - counts @ E0 ≈ counts @ b``.
+    Both are the same when the compositions determine every shift; when
+    they do not (two molecules of three elements), the undetermined part
+    stays at the isolated atoms instead of at zero, which is what makes
+    energies transfer to other compositions.
+
+    Args:
+        counts: (n_frame, n_species) atoms of each species per frame.
+        energies: (n_frame,) total energies, eV.
+        e0s: isolated-atom energies ``{Z: eV}`` of the reference method, or
+            ``None``.
+
+    Returns:
+        ``(shift (n_species,), note or None)``.
+
+    Raises:
+        ValueError: an element of ``species`` has no isolated-atom energy.
+    """
+    rank = np.linalg.matrix_rank(counts)
+    if e0s is not None:
+        missing = [z for z in species if z not in e0s]
+        if missing:
+            raise ValueError(f"no isolated-atom energy (data.e0s) for atomic numbers {missing}")
+        e0 = np.array([e0s[z] for z in species])
+        binding = np.linalg.lstsq(counts, energies - counts @ e0, rcond=None)[0]
+        note = None if rank == len(species) else (
+            f"the training compositions determine only {rank} of the {len(species)} per-element energies; "
+            "the rest is anchored at the isolated atoms (energies of other compositions are extrapolated)")
+        return e0 + binding, note
+    shift = np.linalg.lstsq(counts, energies, rcond=None)[0]
+    if rank < len(species):
+        return shift, (f"warning: the training compositions determine only {rank} of the {len(species)} "
+                       "per-element energy shifts: the least-squares shift is arbitrary and energies will not "
+                       "transfer to other compositions; give isolated-atom energies (data.e0s)")
+    return shift, None
+
+
+def statistics(structures: Sequence[Structure], cutoff: float, species: Sequence[int] | None = None,
+               e0s: dict | None = None) -> Statistics:
+    """:class:`Statistics` of labelled structures (``e0s``: see :func:`energy_shift`)."""
     species = tuple(sorted(set(species or np.concatenate([s.atomic_numbers for s in structures]).tolist())))
     counts = np.array([[np.sum(s.atomic_numbers == z) for z in species] for s in structures], float)
     energies = np.array([float(s.labels["energy"]) for s in structures])
-    shift = np.linalg.lstsq(counts, energies, rcond=None)[0]
+    shift, warning = energy_shift(counts, energies, species, e0s)
     forces = np.concatenate([s.labels["forces"].ravel() for s in structures])
     force_rms = float(np.sqrt(np.mean(forces**2)))
     n_edges = sum(len(graph_lib.neighbours(s, cutoff)[0]) for s in structures[:200])
     n_atoms = sum(len(s.positions) for s in structures[:200])
     return Statistics(species, tuple(float(x) for x in shift), (force_rms,) * len(species),
-                      n_edges / n_atoms, force_rms)
+                      n_edges / n_atoms, force_rms, warning)
 
 
 class Dataset:
@@ -58,6 +105,10 @@ class Dataset:
         species: allowed atomic numbers.
         n_shards: each batch is ``n_shards`` equally padded graphs stacked
             on a leading axis, one per device, for data-parallel training.
+
+    ``pad_to`` (set at construction to room for the largest possible
+    shard) may be raised afterwards, e.g. to the largest of several data
+    sets, so that all of them share one compiled function.
     """
 
     def __init__(self, structures: Sequence[Structure], cutoff: float, batch_size: int,

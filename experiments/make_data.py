@@ -11,7 +11,12 @@ Metals: ASE's EMT for Cu, Ni and a random Cu/Ni alloy, fcc supercells
 (32 atoms) under random strains of up to ±3%, Langevin MD at 300, 600 and
 900 K; energy, forces and stress (eV/Å³, ASE sign convention).
 
-Outputs extended XYZ files ``{name}_train.xyz`` and ``{name}_test.xyz``.
+Isolated atoms: the energy of each element alone (H, C, N, O, F with
+GFN2-xTB, at the same calculator settings as the molecular frames; Cu and Ni
+with EMT), the reference for transferable per-element energy shifts (E0s).
+
+Outputs extended XYZ files ``{name}_train.xyz`` and ``{name}_test.xyz``, and
+``e0s_gfn2-xtb.json`` and ``e0s_emt.json`` (eV).
 
 The default set shipped in ``equijax/data`` (ethanol and aspirin, 500 train +
 100 test frames each; EMT Cu, Ni and CuNi, 20 train + 5 test frames per system
@@ -20,7 +25,12 @@ was made by::
 
     python experiments/make_data.py --out equijax/data
 
-which takes about 4 minutes on 2 cores. Larger sets, e.g. for learning
+which takes about 4 minutes on 2 cores. The transfer check of per-element
+energy references (a molecule of the same elements that is not trained on)::
+
+    python experiments/make_data.py --out equijax/data --molecules malonaldehyde --train 0 --test 50 --no-metals
+
+Larger sets, e.g. for learning
 curves (about 1 minute per 1000 aspirin frames per core)::
 
     python experiments/make_data.py --out data/large --molecules aspirin --train 2000 --test 500 --no-metals
@@ -109,6 +119,8 @@ def molecule_job(args):
     t0 = time.time()
     start = from_smiles(SMILES[name])
     for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
+        if n == 0:
+            continue
         calc = TBLite(method="GFN2-xTB", verbosity=0)
         frames = run_md(start, calc, 500.0, n, stride, equilibrate, seed, label=f"{name} {split}")
         ase.io.write(Path(out) / f"{name}_{split}.xyz", frames, format="extxyz")
@@ -145,6 +157,30 @@ def metals_job(args):
     return f"metals (EMT Cu, Ni, CuNi): {len(splits['train'])}+{len(splits['test'])} frames, {time.time() - t0:.0f} s"
 
 
+def isolated_atoms(out, molecular=("H", "C", "N", "O", "F"), metals=("Cu", "Ni")):
+    """Write the isolated-atom energies of both reference methods as JSON (eV)."""
+    import json
+
+    from ase import Atoms
+    from ase.calculators.emt import EMT
+    from tblite.ase import TBLite
+
+    def energy(symbol, calc):
+        atoms = Atoms(symbol, positions=[[0.0, 0.0, 0.0]])
+        atoms.calc = calc
+        return float(atoms.get_potential_energy())
+
+    files = {
+        "e0s_gfn2-xtb.json": {"method": "GFN2-xTB (tblite, default occupations, 300 K electronic temperature)",
+                              "energies": {s: energy(s, TBLite(method="GFN2-xTB", verbosity=0)) for s in molecular}},
+        "e0s_emt.json": {"method": "EMT (ASE)", "energies": {s: energy(s, EMT()) for s in metals}},
+    }
+    for name, content in files.items():
+        content.update(units="eV", made_by="experiments/make_data.py")
+        (Path(out) / name).write_text(json.dumps(content, indent=1) + "\n")
+    return "isolated atoms: " + ", ".join(files)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("equijax/data"), help="output folder")
@@ -164,6 +200,7 @@ def main(argv=None):
     if not args.no_metals:
         jobs.append((metals_job, (args.metal_train, args.metal_test, 10, 200, args.out, 0)))
     t0 = time.time()
+    print(isolated_atoms(args.out), flush=True)
     with Pool(args.processes) as pool:
         results = [pool.apply_async(fn, (a,)) for fn, a in jobs]
         for r in results:
