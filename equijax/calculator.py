@@ -1,12 +1,14 @@
 """ASE calculator around a trained equijax potential.
 
     from equijax.calculator import EquijaxCalculator
-    atoms.calc = EquijaxCalculator("runs/default/best.pkl")
+    atoms.calc = EquijaxCalculator("runs/default/model.npz")
     atoms.get_forces()                       # eV/Å
     atoms.calc.get_hessian(atoms)            # (3N, 3N) eV/Å², for ase.vibrations.VibrationsData.from_2d
 
-Graphs are padded to bucketed sizes (:func:`equijax.graph.bucket`), so
-structures of similar size reuse the same compiled functions.
+Each calculator pads its graphs to a grow-only capacity
+(:func:`equijax.graph.grow_capacity`): MD, relaxations and a stream of
+different structures reuse one compiled function and recompile only when a
+structure outgrows it (geometrically, so rarely).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ class EquijaxCalculator(Calculator):
     """Energy, free energy, forces, stress (periodic) and Hessians from a checkpoint.
 
     Args:
-        checkpoint_path: a checkpoint written by ``equijax train`` (its EMA
-            parameters are used), or ``None`` with ``model`` and ``params``.
+        checkpoint_path: a model file (``model.npz``) or checkpoint written by
+            ``equijax train`` (EMA parameters), or ``None`` with ``model`` and
+            ``params``. Files are read without unpickling anything.
         model, params: a :class:`equijax.Potential` and its parameters.
         hessian_batch_size: columns per batch of the memory-bounded Hessian;
             ``None`` uses the dense Hessian.
@@ -58,10 +61,15 @@ class EquijaxCalculator(Calculator):
         self.model, self.params = model, params
         self.dtype = np.float64 if model.config.dtype == "float64" else np.float32
         self._efs, self._hessian = compiled(model, hessian_batch_size)
+        self.capacity = None  # padded (n_node, n_edge, n_graph), grown on demand
 
     def _graph(self, atoms):
-        return graph_lib.build_graph([atoms], self.model.config.cutoff, species=self.model.config.species,
-                                     dtype=self.dtype)
+        cfg = self.model.config
+        s = graph_lib.from_ase(atoms)
+        graph_lib.check_structure(s, cfg.species)
+        nl = graph_lib.neighbours(s, cfg.cutoff)
+        self.capacity = graph_lib.grow_capacity(self.capacity, (len(s.positions), len(nl[0]), 1))
+        return graph_lib.build_graph([s], cfg.cutoff, pad_to=self.capacity, dtype=self.dtype, neighbour_lists=[nl])
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
