@@ -263,8 +263,9 @@ def conv(params: dict, plan: ConvPlan, h: e3nn.IrrepsArray, species, edges: Edge
 
     Channels are mixed on the nodes, gathered onto the edges, coupled
     channel-wise ("uvu") with the edge harmonics, each path weighted per edge
-    and channel by a radial MLP, summed over neighbours, divided by the
-    average neighbour count, mixed again, added to a species-dependent
+    and channel by a radial MLP, summed over neighbours, divided by
+    ``avg_num_neighbours`` (the model passes its normaliser: the square root
+    of the average neighbour count by default, as NequIP), mixed again, added to a species-dependent
     self-connection and passed through a gate. Residual when the irreps of
     input and output agree.
     """

@@ -43,7 +43,11 @@ class NequIPConfig:
         n_radial: Bessel functions.
         radial_hidden: hidden sizes of the radial MLP.
         envelope_p: order of the polynomial cutoff envelope.
-        avg_num_neighbours: messages are divided by this (set from data).
+        avg_num_neighbours: average neighbour count N (set from data).
+        message_normalization: the neighbour sum of messages is divided by
+            ``sqrt(N)`` (``"sqrt"``, as NequIP does; the default) or by ``N``
+            (``"mean"``, equijax 0.1). Recorded in model files, so models
+            trained either way evaluate as trained.
         readout_hidden: scalar width of the readout's hidden layer.
         dtype: ``"float32"`` or ``"float64"``.
         energy_shift, energy_scale: per-species atomic energy shift (eV) and
@@ -60,6 +64,7 @@ class NequIPConfig:
     radial_hidden: tuple = (64, 64)
     envelope_p: int = 6
     avg_num_neighbours: float = 12.0
+    message_normalization: str = "sqrt"
     readout_hidden: int = 16
     dtype: str = "float32"
     energy_shift: Optional[tuple] = None
@@ -112,15 +117,33 @@ class Potential(NamedTuple):
 
 
 def species_index(species: tuple, atomic_numbers: jax.Array) -> jax.Array:
-    """(n_node,) Z -> index into ``species``; unknown Z (and padding) -> 0.
+    """(n_node,) Z -> index into ``species``; -1 for every other Z (padding's 0 included).
 
-    Unknown elements are rejected on the host by :func:`equijax.graph.build_graph`
-    (pass it ``species=config.species``); here they only must not crash.
+    Nothing is clipped or remapped: an element the model does not know gets
+    -1, and :func:`nequip`'s energies are NaN for it (and a ``ValueError``
+    when called outside ``jit``), never another element's energy.
     """
-    table = np.zeros(max(max(species), 1) + 1, np.int32)
+    table = np.full(max(max(species), 118) + 1, -1, np.int32)
     table[list(species)] = np.arange(len(species))
-    z = jnp.clip(atomic_numbers, 0, len(table) - 1)
-    return jnp.asarray(table)[z]
+    z = jnp.asarray(atomic_numbers)
+    inside = (z >= 0) & (z < len(table))
+    return jnp.where(inside, jnp.asarray(table)[jnp.clip(z, 0, len(table) - 1)], -1)
+
+
+def check_species(species: tuple, graph: jraph.GraphsTuple) -> None:
+    """Raise ``ValueError`` for real atoms of elements outside ``species``.
+
+    Runs on concrete arrays only; under ``jit``/``vmap`` it does nothing
+    (there the energy of such a graph is NaN instead).
+    """
+    try:
+        z = np.asarray(graph.nodes["atomic_numbers"])
+        mask = np.asarray(graph.nodes["mask"])
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    unknown = sorted(set(z[mask].tolist()) - set(species))
+    if unknown:
+        raise ValueError(f"atomic numbers {unknown} are unknown to this model, which knows {list(species)}")
 
 
 def total_energy(atomic: jax.Array, graph: jraph.GraphsTuple) -> jax.Array:
@@ -144,6 +167,10 @@ def nequip(config: NequIPConfig, interaction=None) -> Potential:
             researcher swaps in a new layer (see ``notebooks/``).
     """
     plan_fn, block_init, block_apply = interaction or (layers.conv_plan, layers.conv_init, layers.conv)
+    if config.message_normalization not in ("sqrt", "mean"):
+        raise ValueError(f"message_normalization must be 'sqrt' or 'mean', got {config.message_normalization!r}")
+    # what the neighbour sum is divided by (the blocks' ``avg_num_neighbours`` argument)
+    divisor = config.avg_num_neighbours ** (0.5 if config.message_normalization == "sqrt" else 1.0)
     dtype = jnp.dtype(config.dtype)
     n_species = len(config.species)
     irreps_sh = e3nn.Irreps.spherical_harmonics(config.l_max)  # 0e + 1o + 2e + ...
@@ -189,10 +216,13 @@ def nequip(config: NequIPConfig, interaction=None) -> Potential:
             l_max=config.l_max, n_radial=config.n_radial, cutoff=config.cutoff,
             envelope_p=config.envelope_p,
         )
+        check_species(config.species, graph)
         species = species_index(config.species, graph.nodes["atomic_numbers"])
-        h = e3nn.IrrepsArray(f"{config.channels}x0e", params["embedding"][species])
+        # padding nodes (Z = 0) take species 0; unknown real atoms are made NaN in atomic_energies
+        species = jnp.where(graph.nodes["mask"], species, jnp.maximum(species, 0))
+        h = e3nn.IrrepsArray(f"{config.channels}x0e", params["embedding"][jnp.maximum(species, 0)])
         for p, plan in zip(params["layers"], plans):
-            h = block_apply(p, plan, h, species, edges, config.avg_num_neighbours)
+            h = block_apply(p, plan, h, species, edges, divisor)
         return h, species
 
     def readout(p, h):
@@ -203,7 +233,9 @@ def nequip(config: NequIPConfig, interaction=None) -> Potential:
     def atomic_energies(params, graph: jraph.GraphsTuple) -> jax.Array:
         h, species = features(params, graph)
         e = readout(params["readout"], h)
-        e = params["scale"][species] * e + params["shift"][species]
+        known = jnp.maximum(species, 0)
+        e = params["scale"][known] * e + params["shift"][known]
+        e = jnp.where(species < 0, jnp.nan, e)  # an element the model does not know: no silent guess
         return jnp.where(graph.nodes["mask"], e, 0.0)
 
     def charges(params, graph: jraph.GraphsTuple) -> jax.Array:

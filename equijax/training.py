@@ -140,6 +140,20 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
+def initial_params(model, key):
+    """``model.init(key)`` with the energy readout's last layer set to zero.
+
+    Training then starts from the per-element energy shift and the network
+    adds only what the data determine. With few compositions (two molecules
+    of three elements) a random readout leaves per-element offsets of the
+    order of the energy scale in directions the data never see, and
+    energies of other compositions are off by hundreds of meV/atom.
+    """
+    params = model.init(key)
+    readout = dict(params["readout"], out=jax.tree_util.tree_map(jnp.zeros_like, params["readout"]["out"]))
+    return dict(params, readout=readout)
+
+
 def init_state(params, opt: optax.GradientTransformation) -> TrainState:
     ema = jax.tree_util.tree_map(jnp.copy, params)  # its own buffers: the step donates both
     return TrainState(params, ema, opt.init(params), jnp.zeros((), jnp.int32))
@@ -258,20 +272,47 @@ def shard(stacked, mesh: Mesh):
 # ------------------------------------------------------------------ the loop
 
 
-def fit(config: dict, output, resume: bool = True, progress: bool = True, log=print, callback=None) -> dict:
-    """Train a NequIP potential as ``config`` says (see ``equijax/configs/default.yaml``).
+def machine_info() -> dict:
+    """Where a result was measured: processor, cores, JAX version and devices (for result files)."""
+    import os
+    import platform
 
-    Writes into ``output``: ``checkpoint.pkl`` (latest, for resuming),
-    ``best.pkl`` (best validation), ``metrics.jsonl`` (one line per
-    evaluation) and ``learning_curve.png``. Restarting with the same
-    ``output`` resumes from ``checkpoint.pkl`` and reproduces an
-    uninterrupted run: the data order is a function of (seed, epoch).
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()]}
+
+
+CHECKPOINT_NAME = "checkpoint.npz"  # latest training state, for resuming
+MODEL_NAME = "model.npz"  # best validation, EMA parameters: what users load
+
+
+def fit(config: dict, output, resume: bool = True, progress: bool = True, log=print, callback=None,
+        accept_changes: bool = False) -> dict:
+    """Train a NequIP potential as ``config`` says (schema: :data:`equijax.config.SCHEMA`).
+
+    Writes into ``output``: ``checkpoint.npz`` (latest state, for resuming),
+    ``model.npz`` (best validation, EMA parameters: the model file to share
+    and load), ``metrics.jsonl`` (one line per evaluation),
+    ``learning_curve.png`` and ``result.json``. Restarting with the same
+    ``output`` resumes from ``checkpoint.npz`` and reproduces an
+    uninterrupted run bit for bit: the data order is a function of (seed,
+    epoch). A resume whose config differs from the checkpoint's stops with
+    the differences, unless ``accept_changes``.
 
     ``callback(step, state)``, if given, runs after every step (tests use it
     to simulate a kill).
 
     Returns:
         dict with the test metrics of the best EMA parameters and paths.
+
+    Raises:
+        ConfigError, ValueError, FileNotFoundError: bad config, data or
+            checkpoint, or a resume with a changed config.
     """
     import json
     import time
@@ -282,59 +323,78 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     from equijax import checkpoint, config as config_lib, data as data_lib, io
     from equijax.models import NequIPConfig, nequip
 
+    config = config_lib.validate(config)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    dc, tc = config["data"], config["train"]
-    ckpt_path = output / "checkpoint.pkl"
+    dc, mc, tc = config["data"], config["model"], config["train"]
+    ckpt_path = output / CHECKPOINT_NAME
+    if resume and not ckpt_path.exists() and (output / "checkpoint.pkl").exists():
+        raise checkpoint.CheckpointError(
+            f"{output} holds a pickle checkpoint of equijax 0.1 (checkpoint.pkl), which is not loaded; "
+            f"start over with --restart, or " + checkpoint.CONVERT_HINT.format(path=output / "checkpoint.pkl"))
     resumed = checkpoint.load(ckpt_path) if resume and ckpt_path.exists() else None
+    if resumed is not None:
+        changes = config_lib.diff({**resumed["run_config"], "output": None}, {**config, "output": None})
+        if changes and not accept_changes:
+            raise config_lib.ConfigError(
+                f"the config differs from the one {ckpt_path} was trained with ({'; '.join(changes)}): "
+                "restart with --restart, or resume with the new values with --accept-changes")
+        for line in changes:
+            log(f"resuming with a changed config: {line}")
 
-    structures = io.read_many(config_lib.data_paths(dc["train"]))
-    rng = np.random.default_rng(tc.get("seed", 0))
+    structures = io.read_many(config_lib.data_paths(dc["train"]), species=dc["species"])
+    rng = np.random.default_rng(tc["seed"])
     order = rng.permutation(len(structures))
-    n_valid = max(1, int(round(dc.get("valid_fraction", 0.1) * len(structures))))
-    if dc.get("max_train"):
+    n_valid = max(1, int(round(dc["valid_fraction"] * len(structures))))
+    if dc["max_train"]:
         order = np.concatenate([order[:n_valid], order[n_valid : n_valid + int(dc["max_train"])]])
     valid = [structures[i] for i in order[:n_valid]]
     train = [structures[i] for i in order[n_valid:]]
+    if not train:
+        raise ValueError(f"no training frames left after holding out {n_valid} for validation")
 
     if resumed is not None:
         model_cfg = NequIPConfig.from_dict(resumed["config"])
         log(f"resuming from {ckpt_path} at step {int(resumed['step'])}")
     else:
-        base = NequIPConfig.from_dict({**NequIPConfig().to_dict(), **config.get("model", {}),
-                                       "species": (1,)})
-        stats = data_lib.statistics(train, base.cutoff, dc.get("species"))
+        base = NequIPConfig.from_dict({**{k: v for k, v in mc.items() if v is not None}, "species": (1,)})
+        use_e0s = dc["energy_shift"] == "e0s" or (dc["energy_shift"] == "auto" and dc["e0s"] is not None)
+        if use_e0s and dc["e0s"] is None:
+            raise config_lib.ConfigError("data.energy_shift=e0s needs data.e0s (isolated-atom energies)")
+        e0s = config_lib.read_e0s(dc["e0s"]) if use_e0s else None
+        stats = data_lib.statistics(train, base.cutoff, dc["species"], e0s)
+        if stats.warning:
+            log(stats.warning)
         model_cfg = base.replace(species=stats.species, energy_shift=stats.energy_shift,
-                                 energy_scale=stats.energy_scale, avg_num_neighbours=stats.avg_num_neighbours)
+                                 energy_scale=stats.energy_scale,
+                                 avg_num_neighbours=mc["avg_num_neighbours"] or stats.avg_num_neighbours)
         log(f"{len(train)} training, {len(valid)} validation frames; species {list(stats.species)}; "
-            f"avg neighbours {stats.avg_num_neighbours:.1f}; force RMS {stats.force_rms:.3f} eV/Å")
+            f"avg neighbours {stats.avg_num_neighbours:.1f}; force RMS {stats.force_rms:.3f} eV/Å; "
+            f"energy shift from {'isolated atoms' if e0s else 'least squares'}")
     model = nequip(model_cfg)
     mesh = data_mesh()
     dtype = np.float64 if model_cfg.dtype == "float64" else np.float32
-    bs = int(tc.get("batch_size", 16))
+    bs = tc["batch_size"]
     train_set = data_lib.Dataset(train, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
     valid_set = data_lib.Dataset(valid, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
     steps_per_epoch = max(train_set.num_batches(drop_last=True), 1)
-    max_steps = int(tc.get("max_steps", 1000))
-    weights = LossWeights(**tc.get("weights", {}))
+    max_steps = tc["max_steps"]
+    weights = LossWeights(**tc["weights"])
     with_stress = weights.stress > 0
     dipole_fn = model.dipole if weights.dipole > 0 else None
-    opt = optimizer(float(tc.get("learning_rate", 5e-3)), int(tc.get("warmup_steps", 50)), max_steps,
-                    tc.get("schedule", "cosine"), float(tc.get("clip_norm", 10.0)))
-    plateau = Plateau(int(tc.get("plateau_patience", 5)), float(tc.get("plateau_factor", 0.5)),
-                      stop_patience=int(tc.get("early_stopping_patience", 20)))
+    opt = optimizer(tc["learning_rate"], tc["warmup_steps"], max_steps, tc["schedule"], tc["clip_norm"])
+    plateau = Plateau(tc["plateau_patience"], tc["plateau_factor"], stop_patience=tc["early_stopping_patience"])
 
     if resumed is not None:
         state = jax.tree_util.tree_map(jnp.asarray, TrainState(resumed["params"], resumed["ema_params"],
                                                                _restore_opt_state(opt, resumed), resumed["step"]))
         plateau.load_state_dict(resumed["plateau"])
     else:
-        state = init_state(model.init(jax.random.PRNGKey(int(tc.get("seed", 0)))), opt)
+        state = init_state(initial_params(model, jax.random.PRNGKey(tc["seed"])), opt)
     state = replicate(state, mesh)
-    step_fn = jax.jit(train_step(model.energy, opt, weights, float(tc.get("ema_decay", 0.99)), dipole_fn),
-                      donate_argnums=0)
+    step_fn = jax.jit(train_step(model.energy, opt, weights, tc["ema_decay"], dipole_fn), donate_argnums=0)
     eval_fn = jax.jit(evaluator(model.energy, with_stress, dipole_fn))
-    eval_every = int(tc.get("eval_every", 100))
+    eval_every = tc["eval_every"]
 
     def validate(params):
         total = None
@@ -343,22 +403,31 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
             total = sums if total is None else jax.tree_util.tree_map(lambda a, b: a + b, total, sums)
         return metrics(total)
 
-    def save(path, extra=None):
-        checkpoint.save(path, config=model_cfg.to_dict(), params=state.params, ema_params=state.ema_params,
+    def save():
+        checkpoint.save(ckpt_path, config=model_cfg.to_dict(), params=state.params, ema_params=state.ema_params,
                         opt_state=jax.tree_util.tree_leaves(state.opt_state), step=state.step,
-                        plateau=plateau.state_dict(), run_config=config, **(extra or {}))
+                        plateau=plateau.state_dict(), run_config=config)
+
+    def export(valid_metrics):
+        checkpoint.save_model(output / MODEL_NAME, model_cfg.to_dict(), state.ema_params, step=int(state.step),
+                              valid=valid_metrics, run_config=config)
 
     metrics_path = output / "metrics.jsonl"
     step = int(state.step)
     if resumed is None and metrics_path.exists():
         metrics_path.unlink()
+    elif metrics_path.exists():  # lines written after the checkpoint will be written again
+        kept = [l for l in metrics_path.read_text().splitlines(True) if json.loads(l)["step"] <= step]
+        metrics_path.write_text("".join(kept))
+    for stale in output.glob("*.tmp"):  # left by a kill in the middle of a write
+        stale.unlink()
     t0 = time.time()
     bar = tqdm(total=max_steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1.0)
     stop = False
     while step < max_steps and not stop:
         epoch, skip = divmod(step, steps_per_epoch)
-        for k, batch in enumerate(train_set.batches(shuffle=True, seed=int(tc.get("seed", 0)) * 100_003 + epoch,
+        for k, batch in enumerate(train_set.batches(shuffle=True, seed=tc["seed"] * 100_003 + epoch,
                                                     drop_last=True)):
             if k < skip:
                 continue
@@ -374,7 +443,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
             if step % eval_every == 0 or step == max_steps:
                 v = validate(state.ema_params)
                 factor, improved, stop = plateau.update(v["forces_rmse"] + v["energy_rmse"], lr_factor(state.opt_state))
-                if tc.get("schedule", "cosine") == "plateau":
+                if tc["schedule"] == "plateau":
                     state = state._replace(opt_state=set_lr_factor(state.opt_state, factor))
                 record = {"step": step, "epoch": step / steps_per_epoch, "time_s": time.time() - t0,
                           "train_loss": float(jax.device_get(m["loss"])), **{f"valid_{k}": x for k, x in v.items()}}
@@ -383,8 +452,8 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                 bar.write(f"step {step:6d}  valid: E MAE {v['energy_mae']:.2f} meV/atom, "
                           f"F MAE {v['forces_mae']:.1f} meV/Å")
                 if improved:
-                    save(output / "best.pkl")
-                save(ckpt_path)
+                    export(v)
+                save()
             if step >= max_steps or stop:
                 break
     bar.close()
@@ -392,10 +461,10 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         log(f"early stopping at step {step}: no validation improvement for {plateau.stop_patience} evaluations")
 
     plot_learning_curve(metrics_path, output / "learning_curve.png")
-    result = {"steps": step, "train_time_s": time.time() - t0, "output": str(output)}
-    if dc.get("test"):
-        best_model, best_params, _ = checkpoint.load_model(output / "best.pkl")
-        test = io.read_many(config_lib.data_paths(dc["test"]))
+    result = {"steps": step, "train_time_s": time.time() - t0, "output": str(output), "machine": machine_info()}
+    if dc["test"]:
+        best_model, best_params, _ = checkpoint.load_model(output / MODEL_NAME)
+        test = io.read_many(config_lib.data_paths(dc["test"]), species=model_cfg.species)
         test_set = data_lib.Dataset(test, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
         result["test"] = evaluate(best_model.energy, best_params, test_set, with_stress, mesh,
                                   best_model.dipole if dipole_fn is not None else None)

@@ -35,12 +35,17 @@ def _nequip64(config):
 def float64_model(model, params):
     """The same potential evaluated in float64 (needs ``jax_enable_x64``).
 
+    A float32 model is rebuilt from its config (the standard NequIP blocks);
+    a float64 model is returned as it is.
+
     Raises:
         RuntimeError: float64 is not enabled in JAX.
     """
     if not jax.config.jax_enable_x64:
         raise RuntimeError("vibrational analysis needs float64: call "
                            "jax.config.update('jax_enable_x64', True) before building graphs")
+    if model.config.dtype == "float64":
+        return model, params  # as it is: it may carry its own interaction block
     model64 = _nequip64(model.config.replace(dtype="float64"))
     params64 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
     return model64, params64
