@@ -10,8 +10,11 @@ Data (GFN2-xTB, 500 K): make it first (about 4 minutes on one core)::
 
 Then::
 
-    python experiments/learning_curves.py                 # writes experiments/results/learning_curves.{json,png}
-    python experiments/learning_curves.py --sizes 50 100 --steps 500   # quicker
+    python experiments/learning_curves.py --force         # writes experiments/results/learning_curves.{json,png}
+    python experiments/learning_curves.py --sizes 50 100 --steps 500 --out /tmp/lc   # quicker, elsewhere
+
+Points already in the output JSON are kept and only replotted (so an
+interrupted study continues where it stopped); ``--force`` recomputes them.
 """
 
 from __future__ import annotations
@@ -32,15 +35,18 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1500, help="optimiser steps per run")
     parser.add_argument("--runs", type=Path, default=Path("runs/learning_curves"))
     parser.add_argument("--out", type=Path, default=HERE / "results" / "learning_curves")
+    parser.add_argument("--force", action="store_true", help="recompute points already in the output JSON")
     args = parser.parse_args(argv)
 
     from equijax import config as config_lib, training
 
     results = []
     out_json = args.out.with_suffix(".json")
-    if out_json.exists():
+    if out_json.exists() and not args.force:
         results = json.loads(out_json.read_text())
     done = {(r["l_max"], r["n_train"]) for r in results}
+    if done:
+        print(f"{len(done)} points already in {out_json} are kept (--force recomputes them)")
     for l_max in args.l_max:
         for n in args.sizes:
             if (l_max, n) in done:
@@ -52,7 +58,8 @@ def main(argv=None):
                 f"train.batch_size={min(8, n)}",
             ])
             t0 = time.time()
-            r = training.fit(cfg, args.runs / f"l{l_max}_n{n}", resume=True, progress=False, log=lambda *a: None)
+            r = training.fit(cfg, args.runs / f"l{l_max}_n{n}", resume=not args.force, progress=False,
+                             log=lambda *a: None)
             row = {"l_max": l_max, "n_train": n, "steps": r["steps"], "wall_s": time.time() - t0, **r["test"]}
             print(json.dumps(row), flush=True)
             results.append(row)

@@ -6,7 +6,7 @@ then: equijax from its autodiff supercell force constants
 Writes ``experiments/results/cu_phonons.{png,json}``.
 
     equijax train metals.yaml --output runs/metals
-    python experiments/phonons_cu.py --checkpoint runs/metals/best.pkl
+    python experiments/phonons_cu.py --checkpoint runs/metals/model.npz
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def lattice_constant(calc, a0=3.6):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=Path("runs/metals/best.pkl"))
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/metals/model.npz"))
     parser.add_argument("--supercell", type=int, default=4)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "cu_phonons")
     args = parser.parse_args(argv)

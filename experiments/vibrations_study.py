@@ -14,7 +14,7 @@
 
 Usage (after ``equijax train train.weights.dipole=1.0 --output runs/dipole``)::
 
-    python experiments/vibrations_study.py --checkpoint runs/dipole/best.pkl
+    python experiments/vibrations_study.py --checkpoint runs/dipole/model.npz
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def part_c(checkpoint_path, copies, dense_max_atoms=100, methods=("none", "dense
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=Path("runs/dipole/best.pkl"))
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/dipole/model.npz"))
     parser.add_argument("--copies", type=int, nargs="+", default=[1, 2, 4, 8], help="aspirin copies for (c)")
     parser.add_argument("--parts", default="abc")
     parser.add_argument("--methods", nargs="+", default=["none", "dense", "chunked", "fd"])

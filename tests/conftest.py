@@ -10,11 +10,15 @@ jax.config.update("jax_debug_infs", True)
 
 @pytest.fixture(scope="session")
 def small_config():
-    """A small float64 NequIP with every feature on (l_max=2, parity)."""
+    """A small float64 NequIP with every feature on (l_max=2, parity) and 3 layers.
+
+    Three layers, because pseudoscalar channels first reach the energy in
+    the third: with fewer, any parity bug is invisible (tests/controls.py).
+    """
     from equijax import NequIPConfig
 
     return NequIPConfig(species=(1, 6, 8, 29), cutoff=3.5, l_max=2, parity=True, channels=4,
-                        n_layers=2, n_radial=6, radial_hidden=(8,), avg_num_neighbours=8.0,
+                        n_layers=3, n_radial=6, radial_hidden=(8,), avg_num_neighbours=8.0,
                         readout_hidden=4, dtype="float64")
 
 

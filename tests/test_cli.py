@@ -1,4 +1,8 @@
-"""End to end through the command line: train, evaluate, vibrate."""
+"""End to end through the command line: train, evaluate, vibrate, phonons, export.
+
+Contract: the documented commands run on the shipped data and write what
+they promise (model file, metrics, plots, modes, spectra, band structures).
+"""
 
 import json
 import subprocess
@@ -26,16 +30,18 @@ def test_train_evaluate_vibrate(tmp_path, capsys):
               "train.max_steps=12", "train.eval_every=6", "train.batch_size=6", "train.weights.dipole=1.0", "--output", str(out), "--no-progress"])
     text = capsys.readouterr().out
     assert "force  MAE" in text and "zero forces" in text
-    assert (out / "best.pkl").exists() and (out / "learning_curve.png").exists()
+    assert (out / "model.npz").exists() and (out / "learning_curve.png").exists()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    cli.main(["evaluate", str(out / "best.pkl"), str(cli.Path(cli.__file__).parent / "data" / "ethanol_test.xyz"),
+    cli.main(["evaluate", str(out / "model.npz"), str(cli.Path(cli.__file__).parent / "data" / "ethanol_test.xyz"),
               "--output", str(tmp_path / "eval")])
     rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert rows[0]["frames"] == 100 and (tmp_path / "eval" / "ethanol_test_parity.png").exists()
     ase.io.write(tmp_path / "water.xyz", molecule("H2O"))
-    cli.main(["vibrate", str(out / "best.pkl"), str(tmp_path / "water.xyz"), "--output", str(tmp_path / "vib"), "--ir"])
+    cli.main(["vibrate", str(out / "model.npz"), str(tmp_path / "water.xyz"), "--output", str(tmp_path / "vib"), "--ir"])
     assert len((tmp_path / "vib" / "ir_km_per_mol.txt").read_text().splitlines()) == 1 + 3
     assert len((tmp_path / "vib" / "frequencies_cm.txt").read_text().splitlines()) == 1 + 3
+    cli.main(["export", str(out / "checkpoint.npz"), str(tmp_path / "exported.npz")])
+    assert (tmp_path / "exported.npz").stat().st_size < (out / "checkpoint.npz").stat().st_size
     assert (tmp_path / "vib" / "spectrum.png").exists() and (tmp_path / "vib" / "modes.xyz").exists()
 
 
@@ -56,7 +62,7 @@ def test_phonons_command(tmp_path, capsys):
 
     cfg = equijax.NequIPConfig(species=(29,), cutoff=3.0, l_max=1, channels=4, n_layers=1, radial_hidden=(8,))
     model = equijax.nequip(cfg)
-    ckpt = equijax.checkpoint.save(tmp_path / "cu.pkl", config=cfg.to_dict(), params=model.init(jax.random.PRNGKey(0)))
+    ckpt = equijax.checkpoint.save_model(tmp_path / "cu.npz", cfg.to_dict(), model.init(jax.random.PRNGKey(0)))
     ase.io.write(tmp_path / "cu.cif", bulk("Cu", "fcc", a=3.6))
     cli.main(["phonons", str(ckpt), str(tmp_path / "cu.cif"), "--supercell", "2", "2", "2", "--npoints", "20",
               "--output", str(tmp_path / "ph")])

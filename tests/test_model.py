@@ -1,4 +1,13 @@
-"""Physics of the NequIP potential: symmetry, padding, finite differences, smoothness."""
+"""Physics of the NequIP potential: E(3) symmetry, padding, finite differences, smoothness.
+
+Laws checked: the energy is invariant and forces, stress and Hessians are
+equivariant under rotations *with inversion* (3-layer models, l_max = 2, on
+chiral rattled molecules, each with a negative control that must fail),
+translations and permutations; padding and batching change nothing; forces,
+stress and Hessians are the derivatives of the energy (central differences
+that share no code with the implementation); energies are extensive, smooth
+at the cutoff, and unknown elements are never silently remapped.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +19,7 @@ import equijax
 from equijax import graph as G
 from equijax import physics, testing
 from structures import copper, methanol
+import controls
 
 
 def build(structures, cfg, **kw):
@@ -19,12 +29,21 @@ def build(structures, cfg, **kw):
 @pytest.mark.parametrize("variant", [dict(), dict(parity=False), dict(l_max=0), dict(l_max=1)])
 def test_equivariance_molecule(small_config, variant):
     cfg = small_config.replace(**variant)
+    assert cfg.n_layers >= 3  # pseudoscalars reach the energy only from the third layer on
     model = equijax.nequip(cfg)
     params = model.init(jax.random.PRNGKey(3))
-    for seed in range(2):
-        errs = testing.equivariance_errors(model.energy, params, methanol(seed), cfg.cutoff,
-                                           key=jax.random.PRNGKey(seed), hessian=not variant)
-        assert max(errs.values()) < 1e-10, errs
+    atoms = methanol(0)  # rattled: chiral, so a mirror image is a different structure
+    # Hessians: periodic test below, and vibrational frequencies of a chiral molecule (test_vibrations)
+    errs = testing.equivariance_errors(model.energy, params, atoms, cfg.cutoff, hessian=False)
+    assert max(errs.values()) < 1e-10, errs
+    if not variant:  # negative controls: the same check must see a parity bug and a rotation bug
+        broken = controls.parity_mislabelled(cfg)
+        errs = testing.equivariance_errors(broken.energy, broken.init(jax.random.PRNGKey(3)), atoms, cfg.cutoff,
+                                           hessian=False)
+        assert errs["energy"] > 1e-6 and errs["forces"] > 1e-5, errs
+        errs = testing.equivariance_errors(controls.rotation_broken(model.energy), params, atoms, cfg.cutoff,
+                                           hessian=False)
+        assert errs["energy"] > 1e-5, errs
 
 
 def test_equivariance_periodic_stress_and_hessian(small_config, small_model):
@@ -32,6 +51,9 @@ def test_equivariance_periodic_stress_and_hessian(small_config, small_model):
     errs = testing.equivariance_errors(model.energy, params, copper(), small_config.cutoff)
     assert set(errs) == {"energy", "forces", "stress", "hessian"}
     assert max(errs.values()) < 1e-10, errs
+    errs = testing.equivariance_errors(controls.rotation_broken(model.energy), params, copper(), small_config.cutoff,
+                                       hessian=False)
+    assert errs["stress"] > 1e-6, errs
 
 
 def test_translation_and_permutation(small_config, small_model):
@@ -51,8 +73,16 @@ def test_translation_and_permutation(small_config, small_model):
     np.testing.assert_allclose(f2[:n], f0[:n][perm], atol=1e-10)
 
 
-def test_padding_and_batching_change_nothing(small_config, small_model):
-    model, params = small_model
+@pytest.fixture(scope="module")
+def shallow(small_config):
+    """Two layers, l_max = 1: enough for padding and batching identities, which do not depend on depth."""
+    cfg = small_config.replace(n_layers=2, l_max=1)
+    model = equijax.nequip(cfg)
+    return cfg, model, model.init(jax.random.PRNGKey(1))
+
+
+def test_padding_and_batching_change_nothing(shallow):
+    small_config, model, params = shallow
     a, b = methanol(0), copper(1)
     ef = jax.jit(physics.energy_and_forces(model.energy))
     hess = jax.jit(physics.hessian(model.energy))
@@ -78,8 +108,8 @@ def test_padding_and_batching_change_nothing(small_config, small_model):
     assert np.all(np.abs(np.asarray(hb)[:na, :, na : na + nb]) == 0.0)
 
 
-def test_vmap_over_stacked_graphs_and_chunked_hessian(small_config, small_model):
-    model, params = small_model
+def test_vmap_over_stacked_graphs_and_chunked_hessian(shallow):
+    small_config, model, params = shallow
     mols = [methanol(s) for s in range(3)]
     graphs = [build([m], small_config, pad_to=(12, 64, 2)) for m in mols]
     stacked = G.stack_graphs(graphs)
@@ -122,17 +152,43 @@ def test_forces_and_hessian_match_finite_differences(small_config, small_model):
     np.testing.assert_allclose(np.asarray(f[:n]).sum(0), 0.0, atol=1e-12)
 
 
-def test_stress_matches_finite_differences_of_strain(small_config, small_model):
+def test_stress_matches_finite_differences_of_the_cell(small_config, small_model):
     model, params = small_model
     atoms = copper()
-    g = build([atoms], small_config)
-    out = jax.jit(physics.energy_forces_stress(model.energy))(params, g)
-    energy = jax.jit(lambda eps: model.energy(params, physics.strain(g, jnp.asarray(eps)[None].repeat(2, 0)))[0])
-    fd = _central_difference(energy, np.zeros((3, 3)), h=1e-6) / atoms.get_volume()
-    fd = 0.5 * (fd + fd.T)
+    g0 = build([atoms], small_config)
+    out = jax.jit(physics.energy_forces_stress(model.energy))(params, g0)
+    energy = jax.jit(model.energy)
+
+    def deformed(eps):  # cell and atoms deformed by ASE, not by physics.strain
+        a = atoms.copy()
+        a.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+        return float(energy(params, build([a], small_config, pad_to=G.padded_sizes(g0)))[0])
+
+    h = 1e-5
+    fd = np.zeros((3, 3))
+    for i in range(3):
+        for j in range(i, 3):
+            eps = np.zeros((3, 3))
+            eps[i, j] = eps[j, i] = h / (1 if i == j else 2)  # a symmetric strain of size h in (i, j)
+            fd[i, j] = fd[j, i] = (deformed(eps) - deformed(-eps)) / (2 * h)
+    fd /= atoms.get_volume()
     np.testing.assert_allclose(out.stress[0], fd, atol=1e-8)
-    # and against ASE's own numerical stress through a calculator-like wrapper
     np.testing.assert_allclose(out.virial[0], -out.stress[0] * atoms.get_volume(), atol=1e-12)
+
+
+def test_batched_stress_equals_stress_of_each_structure(small_config, small_model):
+    model, params = small_model
+    stretched = copper(2)
+    stretched.set_cell(stretched.cell.array * [[1.0], [1.05], [0.97]], scale_atoms=True)
+    cells = [copper(0), copper(1, size=(1, 1, 2)), stretched]  # three different cells in one batch
+    efs = jax.jit(physics.energy_forces_stress(model.energy))
+    g = build(cells, small_config)
+    batch = efs(params, g)
+    for k, atoms in enumerate(cells):
+        alone = efs(params, build([atoms], small_config, pad_to=G.padded_sizes(g)))
+        np.testing.assert_allclose(batch.stress[k], alone.stress[0], atol=1e-12)
+        np.testing.assert_allclose(batch.energy[k], alone.energy[0], atol=1e-10)
+    assert np.abs(np.asarray(batch.stress[0]) - np.asarray(batch.stress[1])).max() > 1e-4  # they differ
 
 
 def test_supercell_is_extensive_and_wrapping_changes_nothing(small_config, small_model):
@@ -181,7 +237,24 @@ def test_no_recompilation_for_same_padded_shapes(small_config, small_model):
     assert ef._cache_size() == n == 1
 
 
-def test_unknown_species_at_model_level(small_config, small_model):
+def test_unknown_elements_are_never_remapped(small_config, small_model):
     model, params = small_model
+    uranium = Atoms("HU", positions=[[0, 0, 0], [0, 0, 1.5]])
     with pytest.raises(ValueError, match="unknown"):
-        build([Atoms("HU", positions=[[0, 0, 0], [0, 0, 1.5]])], small_config)
+        build([uranium], small_config)  # with the model's species
+    g = G.build_graph([uranium], small_config.cutoff, dtype=np.float64)  # without: U is an element
+    with pytest.raises(ValueError, match=r"atomic numbers \[92\] are unknown to this model"):
+        model.energy(params, g)  # eagerly: a clear error
+    with jax.debug_nans(False):
+        e = jax.jit(model.energy)(params, g)  # compiled: NaN, never another element's energy
+    assert np.isnan(e[0]) and e[1] == 0.0  # the padding graph stays zero
+    nitrogen = Atoms("HN", positions=[[0, 0, 0], [0, 0, 1.1]])  # N would have been clipped to H or O
+    with jax.debug_nans(False):
+        assert np.isnan(jax.jit(model.energy)(params, G.build_graph([nitrogen], 3.5, dtype=np.float64))[0])
+    with pytest.raises(ValueError, match="not elements"):
+        G.build_graph([Atoms(numbers=[1, 0], positions=[[0, 0, 0], [0, 0, 1.5]])], 3.5)
+    from equijax.calculator import EquijaxCalculator
+
+    uranium.calc = EquijaxCalculator(model=model, params=params)
+    with pytest.raises(ValueError, match="unknown"):
+        uranium.get_potential_energy()

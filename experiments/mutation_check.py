@@ -1,0 +1,127 @@
+"""Do the tests catch the bugs they are meant to catch? Break the code on purpose and see.
+
+Each mutation below is a plausible bug, applied by text replacement to a
+temporary copy of the package; the named tests then run against that copy
+and must fail. The clean code must pass the same tests. Results go to
+``experiments/results/mutations.json``::
+
+    python experiments/mutation_check.py            # all mutations (about 15 minutes on 2 cores)
+    python experiments/mutation_check.py --only parity_mislabelled
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name: (file, original text, mutated text, tests that must fail)
+MUTATIONS = {
+    "parity_mislabelled": (
+        "equijax/models.py",
+        "irreps_sh = e3nn.Irreps.spherical_harmonics(config.l_max)  # 0e + 1o + 2e + ...",
+        "irreps_sh = e3nn.Irreps([(1, (l, 1)) for l in range(config.l_max + 1)])  # BUG: all even",
+        ["tests/test_model.py::test_equivariance_molecule",
+         "tests/test_vibrations.py::test_frequencies_invariant_under_rotation_with_inversion"],
+    ),
+    "strain_skips_the_cell": (
+        "equijax/physics.py",
+        'cell = cell + jnp.einsum("gik,gkj->gij", cell, eps.astype(cell.dtype))',
+        "cell = cell  # BUG: the cell is not strained",
+        ["tests/test_model.py::test_stress_matches_finite_differences_of_the_cell"],
+    ),
+    "strain_of_graph_0_for_all": (
+        "equijax/physics.py",
+        "node_eps = eps[graph_lib.node_graph_index(graph)]",
+        "node_eps = jnp.broadcast_to(eps[0], (pos.shape[0], 3, 3))  # BUG: graph 0's strain everywhere",
+        ["tests/test_model.py::test_batched_stress_equals_stress_of_each_structure"],
+    ),
+    "mean_of_shard_means": (
+        "equijax/training.py",
+        "    return jax.tree_util.tree_map(lambda x: x.sum(0), per_shard)",
+        "    per = {'energy': 'n_graphs', 'forces': 'n_force', 'stress': 'n_stress', 'dipole': 'n_dipole'}\n"
+        "    count = lambda k: per_shard[per[k.split('_')[0]]]\n"
+        "    # BUG: a mean of per-shard means (every shard weighs the same, whatever its size)\n"
+        "    return {k: v.sum(0) if k.startswith('n_') else (v / jnp.maximum(count(k), 1)).mean(0) * count(k).sum(0)\n"
+        "            for k, v in per_shard.items()}",
+        ["tests/test_training.py::test_sharded_training_matches_single_device_on_uneven_shards"],
+    ),
+    "unknown_element_clipped": (
+        "equijax/models.py",
+        "    return jnp.where(inside, jnp.asarray(table)[jnp.clip(z, 0, len(table) - 1)], -1)",
+        "    return jnp.maximum(jnp.asarray(table)[jnp.clip(z, 0, len(table) - 1)], 0)  # BUG: unknown -> species 0",
+        ["tests/test_model.py::test_unknown_elements_are_never_remapped"],
+    ),
+    "pickle_loading": (
+        "equijax/checkpoint.py",
+        "        with np.load(path, allow_pickle=False) as z:",
+        "        import pickle  # BUG: trusts the file\n"
+        "        if head[:1] == b'\\x80':\n"
+        "            return 'equijax-model', pickle.loads(path.read_bytes())\n"
+        "        with np.load(path, allow_pickle=True) as z:",
+        ["tests/test_checkpoint.py::test_crafted_model_files_are_refused_and_run_no_code"],
+    ),
+    "random_readout_start": (
+        "equijax/training.py",
+        '    readout = dict(params["readout"], out=jax.tree_util.tree_map(jnp.zeros_like, params["readout"]["out"]))',
+        '    readout = params["readout"]  # BUG: the random readout stays',
+        ["tests/test_energy_reference.py::test_a_trained_model_transfers_to_an_unseen_composition"],
+    ),
+    "independent_buckets": (
+        "equijax/calculator.py",
+        "        self.capacity = graph_lib.grow_capacity(self.capacity, (len(s.positions), len(nl[0]), 1))",
+        "        self.capacity = graph_lib.pad_sizes(len(s.positions), len(nl[0]), 1)  # BUG: per-structure buckets",
+        ["tests/test_calculator.py::test_a_stream_of_varied_structures_compiles_a_few_times"],
+    ),
+}
+
+
+def run_tests(tree: Path, tests) -> tuple[bool, float, str]:
+    env = dict(os.environ, PYTHONPATH=str(tree))  # the copy shadows the installed package
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                          cwd=tree, env=env, capture_output=True, text=True)
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
+    return proc.returncode == 0, time.time() - t0, tail
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sorted(MUTATIONS), help="run these mutations only")
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "mutations.json")
+    args = parser.parse_args(argv)
+    results = {}
+    for name in args.only or MUTATIONS:
+        path, original, mutated, tests = MUTATIONS[name]
+        with tempfile.TemporaryDirectory() as tmp:
+            tree = Path(tmp) / "repo"
+            shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__"))
+            source = (tree / path).read_text()
+            if source.count(original) != 1:
+                raise SystemExit(f"{name}: the text to mutate is not found once in {path}; update this script")
+            clean_ok, clean_s, clean_tail = run_tests(tree, tests)
+            (tree / path).write_text(source.replace(original, mutated))
+            mutant_ok, mutant_s, mutant_tail = run_tests(tree, tests)
+        caught = clean_ok and not mutant_ok
+        results[name] = {"file": path, "tests": tests, "clean_passes": clean_ok, "mutant_fails": not mutant_ok,
+                         "caught": caught, "clean": clean_tail, "mutant": mutant_tail,
+                         "seconds": round(clean_s + mutant_s, 1)}
+        print(f"{name:28s} {'CAUGHT' if caught else 'MISSED'}   clean: {clean_tail}   mutant: {mutant_tail}",
+              flush=True)
+    previous = json.loads(args.out.read_text()) if args.out.exists() and args.only else {}
+    args.out.write_text(json.dumps({**previous, **results}, indent=1) + "\n")
+    print(f"{sum(r['caught'] for r in results.values())}/{len(results)} caught; {args.out}")
+    if not all(r["caught"] for r in results.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
