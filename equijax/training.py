@@ -143,11 +143,11 @@ class TrainState(NamedTuple):
 def initial_params(model, key):
     """``model.init(key)`` with the energy readout's last layer set to zero.
 
-    Training then starts from the per-element energy shift and the network
-    adds only what the data determine. With few compositions (two molecules
-    of three elements) a random readout leaves per-element offsets of the
-    order of the energy scale in directions the data never see, and
-    energies of other compositions are off by hundreds of meV/atom.
+    Training then starts from the per-element reference energies and the
+    network adds only what the data ask for, instead of first unlearning
+    random per-atom energies of the order of the energy scale. On the default
+    job (same seed) it lowered the test errors from 3.27 to 2.50 meV/atom and
+    from 80.5 to 73.5 meV/Å (``experiments/readout_start.py``).
     """
     params = model.init(key)
     readout = dict(params["readout"], out=jax.tree_util.tree_map(jnp.zeros_like, params["readout"]["out"]))

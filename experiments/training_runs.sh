@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The training runs behind the README's result tables, on this machine; each result lands in
-# experiments/results/ (result.json files name the machine). About 25 minutes on 2 CPU cores.
+# experiments/results/ (result.json files name the machine). About 20 minutes on 2 CPU cores.
 #   bash experiments/training_runs.sh            # everything
 #   bash experiments/training_runs.sh default    # one group: default | metals | dipole
 set -euo pipefail
@@ -24,6 +24,7 @@ fi
 if [[ $what == all || $what == metals ]]; then
   timed equijax train metals.yaml --output runs/metals --restart --no-progress 2>&1 | tail -8 | tee "$R/metals_run.log"
   cp runs/metals/result.json "$R/metals_run.json"
+  python experiments/phonons_cu.py --checkpoint runs/metals/model.npz   # cu_phonons.{json,png}
 fi
 if [[ $what == all || $what == dipole ]]; then
   # energies, forces and dipoles; then the vibrational validation against GFN2-xTB (parts a, b)
@@ -31,4 +32,6 @@ if [[ $what == all || $what == dipole ]]; then
     | tee "$R/dipole_run.log"
   cp runs/dipole/result.json "$R/dipole_run.json"
   python experiments/vibrations_study.py --checkpoint runs/dipole/model.npz --parts ab
+  equijax vibrate runs/dipole/model.npz experiments/workloads/aspirin.xyz --relax --ir \
+    --output experiments/results/aspirin_vibrations
 fi
