@@ -37,14 +37,15 @@ zero. Models must use the explicit masks, never "the last graph is padding":
 Padded sizes. A batch built alone is padded to :func:`pad_sizes` (each of
 node, edge and graph counts rounded up on the ladder 2^k, 1.5·2^k of
 :func:`bucket`). Because the three counts are rounded independently, their
-combinations multiply over a stream of varied structures (a stream of 40
-molecules, batches and metal cells of 3–60 atoms gave 17 distinct shapes).
-Code that sees such a stream (the ASE calculator, ``equijax evaluate``)
-instead keeps a **grow-only capacity** (:func:`grow_capacity`): one padded
-shape, with 25% headroom, that grows at least twofold in the dimension that
-overflows and never shrinks, so a stream compiles O(log(max size / min
-size)) times (at most 5 for that stream, in any of 200 orders). Training
-data sets pad every batch to room for their largest shard: one shape.
+combinations multiply over a stream of varied structures (the 40 molecules,
+batches and metal cells of 3–60 atoms in ``tests/test_calculator.py`` give 22
+distinct shapes). Code that sees such a stream (the ASE calculator,
+``equijax evaluate``) instead keeps a **grow-only capacity**
+(:func:`grow_capacity`): one padded shape, with 25% headroom, that grows at
+least twofold in the dimension that overflows and never shrinks, so a stream
+compiles O(log(max size / min size)) times (3 for that stream; at most 5 in
+200 random orders of a similar one). Training data sets pad every batch to
+room for their largest shard: one shape.
 """
 
 from __future__ import annotations
@@ -122,8 +123,9 @@ def check_structure(s: Structure, species: Sequence[int] | None = None) -> None:
     """Raises ``ValueError`` with a clear message for input no model can use.
 
     Checks: empty structure, NaN or infinite positions or cell, atomic
-    numbers that are no element, elements outside ``species`` (when given), a degenerate periodic cell, NaN
-    labels. Overlapping atoms are caught by :func:`neighbours`.
+    numbers that are no element, elements outside ``species`` (when given),
+    a degenerate periodic cell, NaN labels. Overlapping atoms are caught by
+    :func:`neighbours`.
     """
     pos = np.asarray(s.positions)
     if pos.ndim != 2 or pos.shape[1] != 3:
