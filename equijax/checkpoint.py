@@ -50,6 +50,15 @@ class CheckpointError(ValueError):
     """A file that is not a readable equijax checkpoint or model file."""
 
 
+_STATE = ("params", "ema_params", "opt_state", "config", "plateau")  # what is not metadata
+
+
+def _inference_params(content: dict):
+    """The parameters to evaluate with: the EMA ones when the file has them."""
+    ema = content.get("ema_params")
+    return ema if ema is not None else content["params"]
+
+
 # ------------------------------------------------------------ tree <-> JSON
 
 
@@ -138,7 +147,7 @@ def _read(path) -> tuple[str, dict]:
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, "rb") as f:
         head = f.read(4)
-    if head[:1] == b"\x80" or path.suffix == ".pkl":
+    if head[:1] == b"\x80":  # the opcode that starts every pickle of protocol 2 and newer
         raise CheckpointError(f"{path} is a pickle (equijax 0.1 checkpoint format), which could run code "
                               f"when loaded and is refused; " + CONVERT_HINT.format(path=path))
     if head != _ZIP_MAGIC:
@@ -212,17 +221,15 @@ def load_model(path) -> Loaded:
         config = NequIPConfig.from_dict(content["config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: bad model config ({err})") from err
-    params = content["ema_params"] if content.get("ema_params") is not None else content["params"]
-    metadata = {k: v for k, v in content.items() if k not in ("params", "ema_params", "opt_state", "config")}
-    return Loaded(nequip(config), jax.tree_util.tree_map(jax.numpy.asarray, params), metadata)
+    metadata = {k: v for k, v in content.items() if k not in _STATE}
+    return Loaded(nequip(config), jax.tree_util.tree_map(jax.numpy.asarray, _inference_params(content)), metadata)
 
 
 def export_model(checkpoint_path, model_path) -> Path:
     """Write the small model file (config, EMA params, metadata) of a checkpoint."""
     content = load(checkpoint_path)
-    extra = {k: v for k, v in content.items() if k not in ("params", "ema_params", "opt_state", "config", "plateau")}
-    ema = content.get("ema_params")
-    return save_model(model_path, content["config"], ema if ema is not None else content["params"], **extra)
+    extra = {k: v for k, v in content.items() if k not in _STATE}
+    return save_model(model_path, content["config"], _inference_params(content), **extra)
 
 
 def convert_pickle(old_path, new_path, trust_pickle: bool = False) -> Path:
@@ -245,5 +252,5 @@ def convert_pickle(old_path, new_path, trust_pickle: bool = False) -> Path:
     payload["config"] = {"message_normalization": "mean", **payload["config"]}  # equijax 0.1 divided by N
     if "opt_state" in payload:
         return save(new_path, **payload)
-    params, ema = payload.pop("params"), payload.pop("ema_params", None)
-    return save_model(new_path, payload.pop("config"), ema if ema is not None else params, **payload)
+    extra = {k: v for k, v in payload.items() if k not in _STATE}
+    return save_model(new_path, payload["config"], _inference_params(payload), **extra)

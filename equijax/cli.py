@@ -42,7 +42,6 @@ def _train(args):
         jax.distributed.initialize()  # reads the cluster from the environment (SLURM, Open MPI, ...)
     config = config_lib.load(args.config, args.overrides)
     output = Path(args.output or config["output"] or "runs/default")
-    config["output"] = None  # where a run lives is not part of what it is
     result = training.fit(config, output, resume=not args.restart, progress=not args.no_progress,
                           accept_changes=args.accept_changes)
     print()
@@ -71,7 +70,7 @@ def _config(args):
         print(config_lib.describe())
         return
     config = config_lib.load(args.config, args.overrides)
-    print(f"# valid; the complete config with defaults filled in")
+    print("# valid; the complete config with defaults filled in")
     print(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), end="")
 
 
