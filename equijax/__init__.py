@@ -7,7 +7,8 @@ One module per concern: :mod:`equijax.graph` (neighbours, batching, padding),
 code: ``model, params, metadata = equijax.load("model.npz")``),
 :mod:`equijax.config` (the run-config schema); and, imported on demand,
 :mod:`equijax.calculator` (ASE), :mod:`equijax.vibrations`,
-:mod:`equijax.phonons`, :mod:`equijax.testing`.
+:mod:`equijax.phonons`, :mod:`equijax.md` (molecular dynamics in JAX),
+:mod:`equijax.testing`.
 """
 
 from equijax import checkpoint, config, data, graph, io, layers, physics, training

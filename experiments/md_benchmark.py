@@ -22,6 +22,8 @@ parity, 4 layers, 8 Bessel, 5 Å, radial MLP 2×64, float32), or
 3 layers, radial MLP 2×32). Parameters are random (the same for every
 equijax run; jax-md's from its own init): throughput does not depend on them
 over a few steps. Reported: steps/s of the whole system (all replicas),
+the time of one equijax model call (energy, forces, stress on the MD
+neighbour list: the floor of a step),
 medians of ``--repeats`` timed chunks after a warm-up chunk, the first call
 (compile), ns/day, and ratios to equijax-jit.
 
@@ -78,6 +80,33 @@ def run_equijax(atoms, size, steps, repeats):
                 max_temperature=float("inf"), on_chunk=lambda frames: stamps.append(time.perf_counter()))
     times = list(np.diff(stamps))  # per chunk of ``steps`` steps, the host's checks included
     return times[0], times[1:]
+
+
+def model_call_ms(atoms, size, repeats=5):
+    """Median ms of one energy+forces+stress call on the MD neighbour list (the model's share of a step)."""
+    import jax
+    import jax.numpy as jnp
+
+    from equijax.md import neighbours, potential
+
+    model, params = equijax_model(size)
+    a = atoms[0]
+    periodic = bool(a.pbc.all())
+    cell = jnp.asarray(a.cell.array, jnp.float32) if periodic else None
+    positions = jnp.asarray(a.positions, jnp.float32)
+    spec, nbrs = neighbours.allocate(positions, model.config.cutoff, cell, periodic)
+    if len(atoms) > 1:  # replicas: one vmapped call, as the jitted MD makes it
+        fn = jax.jit(jax.vmap(lambda r: potential.force_fn(model, params, a.numbers)(r, nbrs, cell)))
+        positions = jnp.stack([positions] * len(atoms))
+    else:
+        fn = jax.jit(lambda r: potential.force_fn(model, params, a.numbers)(r, nbrs, cell))
+    jax.block_until_ready(fn(positions))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(positions))
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
 
 
 def run_ase(atoms, size, steps, repeats):
@@ -188,8 +217,12 @@ def main(argv=None):
     import jax
 
     rows = []
+    model_ms = {}
     for workload in args.workloads:
         atoms = structures(workload)
+        if "equijax-jit" in args.codes:
+            model_ms[workload] = model_call_ms(atoms, args.model)
+            print(f"{workload:8s} equijax model call (E+F+stress on the MD list): {model_ms[workload]:.1f} ms")
         for code in args.codes:
             first, times = RUNNERS[code](atoms, args.model, args.steps, args.repeats)
             median = statistics.median(times)
@@ -214,7 +247,8 @@ def main(argv=None):
         machine = {"platform": platform.platform(), "processor": platform.processor(),
                    "device": str(jax.devices()[0]), "jax": jax.__version__}
         Path(args.out).write_text(json.dumps({"machine": machine, "model": args.model, "steps": args.steps,
-                                              "timestep_fs": TIMESTEP_FS, "rows": rows}, indent=1) + "\n")
+                                              "timestep_fs": TIMESTEP_FS,
+                                              "equijax_model_call_ms": model_ms, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

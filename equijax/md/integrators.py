@@ -94,7 +94,8 @@ def pressure(state: MDState) -> jax.Array:
 
 def per_atom_normal(key, n: int, dtype) -> jax.Array:
     """(n, 3) standard normals, atom ``i`` drawing from ``fold_in(key, i)``: a padded
-    replica draws the same numbers for its real atoms as the unpadded system."""
+    replica draws the same numbers for its real atoms as the unpadded system, whatever
+    JAX's ``jax_threefry_partitionable`` setting (with it, one draw of shape (n, 3) would too)."""
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (3,), dtype))(jnp.arange(n))
 
 

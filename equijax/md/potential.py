@@ -89,16 +89,17 @@ def force_fn(model, params, numbers):
     energy = energy_fn(model, params, numbers)
 
     def fn(positions, nbrs, cell=None):
+        dtype = positions.dtype  # the state's precision, whatever the model sums in
         if cell is None:
             e, g = jax.value_and_grad(energy)(positions, nbrs)
-            return ForcesStress(e, -g, jnp.zeros((3, 3), positions.dtype))
+            return ForcesStress(e.astype(dtype), -g.astype(dtype), jnp.zeros((3, 3), dtype))
 
         def strained(r, eps):
             eps = 0.5 * (eps + eps.T)
             return energy(r + r @ eps, nbrs, cell + cell @ eps)
 
         e, (g_r, g_eps) = jax.value_and_grad(strained, argnums=(0, 1))(positions, jnp.zeros((3, 3), positions.dtype))
-        return ForcesStress(e, -g_r, g_eps / jnp.abs(jnp.linalg.det(cell)))
+        return ForcesStress(e.astype(dtype), -g_r.astype(dtype), (g_eps / jnp.abs(jnp.linalg.det(cell))).astype(dtype))
 
     return fn
 

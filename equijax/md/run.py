@@ -161,9 +161,12 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
         """First forces, on a list with room enough (grown until it does not overflow)."""
         nonlocal spec, reallocations
         while True:
-            init = _programs(model, spec, kind, periodic, chunk_frames).init
-            state, nbrs = init(params, settings, jnp.asarray(numbers), positions, cells, masses, jnp.asarray(mask),
-                               key)
+            programs = _programs(model, spec, kind, periodic, chunk_frames)
+            state, nbrs = programs.init(params, settings, z, positions, cells, masses, jnp.asarray(mask), key)
+            # the first forces: one step of zero length through the chunk program itself
+            # (positions, momenta and cell stay; no second compilation of the model)
+            (state, nbrs), _ = programs.chunk(params, {**settings, "dt": jnp.zeros_like(settings["dt"])}, z, state,
+                                              nbrs, 1, 1)
             if not np.any(np.asarray(nbrs.overflow)):
                 return state, nbrs
             spec = nl.grown(spec, nbrs, np.asarray(cells))
@@ -277,8 +280,13 @@ class _Programs(NamedTuple):
     build: object  # (positions, cells, mask) -> nbrs
 
 
-def _integrator(model, params, settings, numbers, spec, kind, periodic):
-    ff = potential.force_fn(model, params, numbers)
+def _no_forces(positions, nbrs, cell=None):
+    zero = jnp.zeros((), positions.dtype)
+    return potential.ForcesStress(zero, jnp.zeros_like(positions), jnp.zeros((3, 3), positions.dtype))
+
+
+def _integrator(model, params, settings, numbers, spec, kind, periodic, forces=True):
+    ff = potential.force_fn(model, params, numbers) if forces else _no_forces
     s = settings
     if kind == "fire":
         return md.fire(ff, spec, periodic)
@@ -318,9 +326,10 @@ def _programs(model, spec: nl.Spec, kind: str, periodic: bool, chunk_frames: int
     """
 
     def init(params, settings, numbers, positions, cells, masses, mask, keys):
+        # momenta, thermostat and list only: the driver's first (zero-length) step computes the forces
         def single(z, r, cell, mass, m, k):
             nbrs = nl.build(spec, r, cell if periodic else None, m)
-            integrator = _integrator(model, params, settings, z, spec, kind, periodic)
+            integrator = _integrator(model, params, settings, z, spec, kind, periodic, forces=False)
             return integrator.init(r, cell, mass, m, k, settings["kT"], nbrs)
         return jax.vmap(single)(numbers, positions, cells, masses, mask, keys)
 
