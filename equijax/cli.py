@@ -202,7 +202,7 @@ def _phonons(args):
     out = Path(args.output or Path(args.structure).stem + "_phonons")
     out.mkdir(parents=True, exist_ok=True)
     gamma = phonons.frequencies(fc, [[0, 0, 0]])[0]
-    print(f"Γ-point frequencies (cm⁻¹): " + " ".join(f"{f:.1f}" for f in gamma))
+    print("Γ-point frequencies (cm⁻¹): " + " ".join(f"{f:.1f}" for f in gamma))
     bs = phonons.band_structure(fc, args.path, args.npoints)
     fig, ax = plt.subplots(figsize=(7, 4))
     bs.plot(ax=ax, emin=min(0.0, float(bs.energies.min()) * 1.1), emax=float(bs.energies.max()) * 1.1,
@@ -371,7 +371,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("checkpoint", metavar="MODEL", help="model.npz or checkpoint.npz")
     m.add_argument("structure", help="starting structure, any file ASE reads")
     m.add_argument("--frame", default=0, type=int, help="which frame of STRUCTURE (default 0)")
-    m.add_argument("--ensemble", default="nvt-langevin", choices=("nve", "nvt-langevin", "nvt-nose-hoover", "npt"))
+    m.add_argument("--ensemble", default="nvt-langevin", choices=("nve", "nvt-langevin", "nvt-nose-hoover", "npt"),
+                   help="NVE (velocity Verlet), NVT (BAOAB Langevin or Nosé–Hoover chain), NPT (Langevin + "
+                        "stochastic cell rescaling; periodic cells); default nvt-langevin")
     m.add_argument("--temperature", type=float, default=300.0, help="K (default 300; initial velocities too)")
     m.add_argument("--pressure", type=float, default=0.0, help="GPa, NPT only (default 0)")
     m.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")

@@ -18,7 +18,7 @@ from ase.build import bulk, molecule
 
 import equijax
 from equijax import graph as graph_lib, md, physics, vibrations
-from equijax.md import integrators, neighbours as nl, potential
+from equijax.md import neighbours as nl, potential
 
 MODEL = Path(equijax.__file__).parent / "data" / "ethanol_md_model.npz"
 ETHANOL = Path(equijax.__file__).parent / "data" / "ethanol_test.xyz"

@@ -135,6 +135,8 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
         raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
     if steps < 0 or interval < 1 or steps % interval:
         raise ValueError(f"steps ({steps}) must be a non-negative multiple of interval ({interval})")
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
     if timestep <= 0 or temperature < 0:
         raise ValueError("timestep must be positive and temperature non-negative")
     cfg = model.config
