@@ -70,6 +70,9 @@ def equijax_model(size):
     return model, model.init(jax.random.PRNGKey(0))
 
 
+SKIN = None  # equijax's neighbour-list skin (Å); None: its default
+
+
 def run_equijax(atoms, size, steps, repeats):
     from equijax import md
 
@@ -77,7 +80,7 @@ def run_equijax(atoms, size, steps, repeats):
     stamps = [time.perf_counter()]
     md.simulate(model, params, atoms, ensemble="nve", temperature=300, timestep=TIMESTEP_FS,
                 steps=steps * (repeats + 1), interval=steps, chunk_frames=1, progress=False,
-                max_temperature=float("inf"), on_chunk=lambda frames: stamps.append(time.perf_counter()))
+                max_temperature=float("inf"), on_chunk=lambda frames: stamps.append(time.perf_counter()), skin=SKIN)
     times = list(np.diff(stamps))  # per chunk of ``steps`` steps, the host's checks included
     return times[0], times[1:]
 
@@ -212,8 +215,11 @@ def main(argv=None):
     p.add_argument("--model", default="standard", choices=list(SIZES))
     p.add_argument("--steps", type=int, default=10, help="MD steps per timed chunk")
     p.add_argument("--repeats", type=int, default=3, help="timed chunks (median reported)")
+    p.add_argument("--skin", type=float, help="equijax's neighbour-list skin, Å (default: its own, 0.25)")
     p.add_argument("--out", help="write the results as JSON")
     args = p.parse_args(argv)
+    global SKIN
+    SKIN = args.skin
     import jax
 
     rows = []
@@ -248,7 +254,8 @@ def main(argv=None):
                    "device": str(jax.devices()[0]), "jax": jax.__version__}
         Path(args.out).write_text(json.dumps({"machine": machine, "model": args.model, "steps": args.steps,
                                               "timestep_fs": TIMESTEP_FS,
-                                              "equijax_model_call_ms": model_ms, "rows": rows}, indent=1) + "\n")
+                                              "equijax_model_call_ms": model_ms, "equijax_skin": args.skin,
+                                              "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
