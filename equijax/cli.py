@@ -238,8 +238,9 @@ def _md(args):
                          minimize=args.minimize, fmax=args.fmax, skin=args.skin, capacity=args.capacity,
                          output=out, progress=not args.no_progress)
     f = result.frames
+    timing = "compile included: a run of one chunk" if result.compile_included else "compile excluded"
     print(f"{result.steps_per_second:.1f} steps/s ({result.steps_per_second * args.replicas:.1f} replica-steps/s), "
-          f"{result.ns_per_day:.3g} ns/day per replica, compile excluded; "
+          f"{result.ns_per_day:.3g} ns/day per replica, {timing}; "
           f"neighbour list: capacity {result.capacity}, {result.reallocations} reallocation(s)")
     if f is not None:
         drift = (f.conserved[-1] - f.conserved[0]) / max(n_atoms, 1) * 1000

@@ -68,6 +68,7 @@ class Result(NamedTuple):
     reallocations: int  # neighbour-list overflows recovered
     capacity: int  # the neighbour list's final capacity
     seconds: float
+    compile_included: bool = False  # a run of one chunk: its rate includes tracing and compilation
 
 
 def _replicas(structures, replicas: int, species):
@@ -257,6 +258,7 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
             writer.note(f"FIRE: {sum(len(f.step) for f in collected) * 10} steps, fmax {fmax_now:.3g} eV/Å")
         collected.clear()
     kind = ensemble
+    md_started = time.perf_counter()
     state, nbrs = initialise(kind, keys)
     if progress:
         from tqdm.auto import tqdm
@@ -268,9 +270,12 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
-    rate = timed_steps / timed_seconds if timed_seconds > 0 else float("nan")
+    md_seconds = time.perf_counter() - md_started
+    compile_included = timed_seconds == 0
+    rate = timed_steps / timed_seconds if not compile_included else (steps / md_seconds if steps else float("nan"))
     frames = Frames(*(np.concatenate(xs) for xs in zip(*collected))) if collected else None
-    result = Result(frames, state, rate, rate * timestep * 86400 * 1e-6, reallocations, spec.capacity, seconds)
+    result = Result(frames, state, rate, rate * timestep * 86400 * 1e-6, reallocations, spec.capacity, seconds,
+                    compile_included)
     if writer is not None:
         writer.close(result=result)
     return result
@@ -437,6 +442,7 @@ class _Writer:
                    "files": [p.name for p in self.paths] + ["md_log.csv", "md.png"]}
         if result is not None:
             summary.update(steps_per_second=result.steps_per_second, ns_per_day=result.ns_per_day,
+                           rate_includes_compile=result.compile_included,
                            neighbour_reallocations=result.reallocations, neighbour_capacity=result.capacity,
                            wall_seconds=result.seconds)
         if stopped is not None:
