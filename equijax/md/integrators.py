@@ -173,13 +173,9 @@ def nose_hoover(force_fn, spec: nl.Spec, dt: float, kT: float, tau: float, chain
     :func:`conserved` (the extended energy) stays constant.
     """
 
-    def masses(mask):
-        q = jnp.full(chain, kT * tau ** 2)
-        return q.at[0].multiply(degrees_of_freedom(mask))
-
     def half(state):
         """The chain's propagator over dt / 2 (one Trotter step, as MKT 1996)."""
-        q = masses(state.mask).astype(state.momenta.dtype)
+        q = _chain_masses(state.mask, kT, tau, chain).astype(state.momenta.dtype)
         xi, v = state.aux["xi"], state.aux["v_xi"]
         dof = degrees_of_freedom(state.mask)
         ke2 = 2.0 * kinetic_energy(state)
@@ -217,15 +213,18 @@ def nose_hoover(force_fn, spec: nl.Spec, dt: float, kT: float, tau: float, chain
         return half(_kick(state, 0.5 * dt)), nbrs
 
     aux = lambda dtype, mask, kT_: {"xi": jnp.zeros(chain, dtype), "v_xi": jnp.zeros(chain, dtype)}
-    integrator = Integrator(_initial(force_fn, spec, periodic, aux), step)
-    return integrator
+    return Integrator(_initial(force_fn, spec, periodic, aux), step)
+
+
+def _chain_masses(mask, kT, tau, chain: int) -> jax.Array:
+    """(chain,) thermostat masses: dof·kT·τ² for the first, kT·τ² for the others."""
+    return jnp.full(chain, kT * tau ** 2).at[0].multiply(degrees_of_freedom(mask))
 
 
 def nose_hoover_energy(state: MDState, kT: float, tau: float) -> jax.Array:
     """() the Nosé–Hoover chain's thermostat energy, eV (add to KE + PE for the conserved quantity)."""
     xi, v = state.aux["xi"], state.aux["v_xi"]
-    chain = xi.shape[0]
-    q = jnp.full(chain, kT * tau ** 2).at[0].multiply(degrees_of_freedom(state.mask))
+    q = _chain_masses(state.mask, kT, tau, xi.shape[0])
     return 0.5 * jnp.sum(q * v ** 2) + degrees_of_freedom(state.mask) * kT * xi[0] + kT * jnp.sum(xi[1:])
 
 

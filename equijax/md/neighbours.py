@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from equijax import graph as graph_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
@@ -186,8 +188,6 @@ def update(spec: Spec, nbrs: NeighbourList, positions, cell=None, mask=None) -> 
 
 def count_pairs(positions, cutoff: float, cell=None, periodic: bool = False, mask=None) -> int:
     """Ordered pairs within ``cutoff`` now, counted on the host by vesin (no compilation)."""
-    from equijax import graph as graph_lib
-
     positions = np.asarray(positions, float)
     if mask is not None:
         positions = positions[np.asarray(mask, bool)]
@@ -196,19 +196,39 @@ def count_pairs(positions, cutoff: float, cell=None, periodic: bool = False, mas
     return len(graph_lib.neighbours(s, cutoff)[0])
 
 
-def allocate(positions, cutoff: float, cell=None, periodic: bool = False, skin: float | None = None,
-             capacity: int | None = None, mask=None, headroom: float = 1.15) -> tuple[Spec, NeighbourList]:
-    """A spec sized for these positions (host side), and the first list.
+def make_spec(positions, cutoff: float, cells=None, periodic: bool = False, skin: float | None = None,
+              capacity: int | None = None, masks=None, headroom: float = 1.15) -> Spec:
+    """A spec with room for every one of several systems (host side).
 
-    Capacity defaults to ``headroom`` × the pairs within ``cutoff + skin``
-    now; the image range to what the cell needs with 10% room for a
-    shrinking (NPT) cell.
+    Args:
+        positions: (n_system, n, 3) Å (replicas; padding atoms masked out).
+        cells: (n_system, 3, 3) Å (periodic only).
+        masks: (n_system, n) bool, real atoms (default all).
+        skin, capacity: defaults :func:`choose_skin` and ``headroom`` × the
+            most pairs any system has within cutoff + skin now.
+
+    The image range is what the cells need with 10% room for a shrinking
+    (NPT) cell.
     """
+    positions = np.asarray(positions, float)
+    masks = np.ones(positions.shape[:2], bool) if masks is None else np.asarray(masks, bool)
+    cells = np.zeros((len(positions), 3, 3)) if cells is None else np.asarray(cells, float)
     skin = choose_skin(cutoff) if skin is None else float(skin)
-    images = images_needed(np.asarray(cell) * 0.9, cutoff + skin) if periodic else (0, 0, 0)
     if capacity is None:
-        capacity = max(int(np.ceil(count_pairs(positions, cutoff + skin, cell, periodic, mask) * headroom)), 16)
-    spec = Spec(float(cutoff), skin, int(capacity), images, bool(periodic))
+        most = max(count_pairs(r, cutoff + skin, c, periodic, m) for r, c, m in zip(positions, cells, masks))
+        capacity = max(int(np.ceil(most * headroom)), 16)
+    images = (0, 0, 0)
+    if periodic:
+        for cell in cells:
+            images = tuple(max(a, b) for a, b in zip(images, images_needed(cell * 0.9, cutoff + skin)))
+    return Spec(float(cutoff), skin, int(capacity), images, bool(periodic))
+
+
+def allocate(positions, cutoff: float, cell=None, periodic: bool = False, skin: float | None = None,
+             capacity: int | None = None, mask=None) -> tuple[Spec, NeighbourList]:
+    """A spec sized for these positions (:func:`make_spec`), and the first list."""
+    spec = make_spec(np.asarray(positions)[None], cutoff, None if cell is None else np.asarray(cell)[None],
+                     periodic, skin, capacity, None if mask is None else np.asarray(mask)[None])
     positions = jnp.asarray(positions)
     cell = None if cell is None else jnp.asarray(cell, positions.dtype)
     return spec, jax.jit(build, static_argnums=0)(spec, positions, cell, mask)

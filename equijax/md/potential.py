@@ -4,8 +4,8 @@ Two adapters, both pure and jittable:
 
 * :func:`energy_fn` reads equijax's in-JAX neighbour list
   (:mod:`equijax.md.neighbours`): ``energy(positions, nbrs, cell) -> eV``,
-  and :func:`force_fn` adds forces and stress by one reverse pass (the same
-  derivatives as :func:`equijax.physics.energy_forces_stress`).
+  and :func:`force_fn` adds forces and stress by one reverse pass
+  (:func:`equijax.physics.energy_forces_stress` on the list's graph).
 * :func:`jax_md_energy_fn` reads jax-md's own neighbour lists
   (``partition.neighbor_list(..., format=partition.Sparse)``), in free space
   or a ``space.periodic_general`` box with fractional coordinates, so that
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import jraph
 
+from equijax import physics
 from equijax.md import neighbours as nl
 
 
@@ -58,18 +59,20 @@ def graph_of(numbers, positions, cell, receivers, senders, shifts, pair_mask) ->
     )
 
 
+def _graph(numbers, positions, nbrs: nl.NeighbourList, cell, cutoff) -> jraph.GraphsTuple:
+    periodic = cell is not None
+    cell = cell if periodic else jnp.zeros((3, 3), positions.dtype)
+    receivers, senders, _, real = nl.as_pairs(nbrs, positions, cell if periodic else None, cutoff)
+    shifts = nbrs.shifts if periodic else jnp.zeros_like(nbrs.shifts)
+    return graph_of(numbers, positions, cell, receivers, senders, shifts, real)
+
+
 def energy_fn(model, params, numbers):
     """``energy(positions (n, 3), nbrs, cell (3, 3) or None) -> ()`` eV, from an equijax list."""
     numbers = jnp.asarray(numbers, jnp.int32)
-    cutoff = model.config.cutoff
 
     def energy(positions, nbrs: nl.NeighbourList, cell=None):
-        periodic = cell is not None
-        cell = cell if periodic else jnp.zeros((3, 3), positions.dtype)
-        receivers, senders, _, real = nl.as_pairs(nbrs, positions, cell if periodic else None, cutoff)
-        shifts = nbrs.shifts if periodic else jnp.zeros_like(nbrs.shifts)
-        graph = graph_of(numbers, positions, cell, receivers, senders, shifts, real)
-        return model.energy(params, graph)[0]
+        return model.energy(params, _graph(numbers, positions, nbrs, cell, model.config.cutoff))[0]
 
     return energy
 
@@ -81,25 +84,15 @@ class ForcesStress(NamedTuple):
 
 
 def force_fn(model, params, numbers):
-    """``(positions, nbrs, cell or None) -> ForcesStress`` by one reverse pass.
-
-    Stress is the derivative with respect to a symmetric strain of
-    positions and cell, divided by the volume (as in :mod:`equijax.physics`).
-    """
-    energy = energy_fn(model, params, numbers)
+    """``(positions, nbrs, cell or None) -> ForcesStress``: :func:`equijax.physics.energy_forces_stress`
+    (one reverse pass) on the graph of the list, cast to the positions' precision."""
+    numbers = jnp.asarray(numbers, jnp.int32)
+    efs = physics.energy_forces_stress(model.energy)
 
     def fn(positions, nbrs, cell=None):
-        dtype = positions.dtype  # the state's precision, whatever the model sums in
-        if cell is None:
-            e, g = jax.value_and_grad(energy)(positions, nbrs)
-            return ForcesStress(e.astype(dtype), -g.astype(dtype), jnp.zeros((3, 3), dtype))
-
-        def strained(r, eps):
-            eps = 0.5 * (eps + eps.T)
-            return energy(r + r @ eps, nbrs, cell + cell @ eps)
-
-        e, (g_r, g_eps) = jax.value_and_grad(strained, argnums=(0, 1))(positions, jnp.zeros((3, 3), positions.dtype))
-        return ForcesStress(e.astype(dtype), -g_r.astype(dtype), (g_eps / jnp.abs(jnp.linalg.det(cell))).astype(dtype))
+        n, dtype = positions.shape[0], positions.dtype  # the state's precision, whatever the model sums in
+        out = efs(params, _graph(numbers, positions, nbrs, cell, model.config.cutoff))
+        return ForcesStress(out.energy[0].astype(dtype), out.forces[:n].astype(dtype), out.stress[0].astype(dtype))
 
     return fn
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -177,15 +176,7 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
 
     # replica k draws from seed + k, so replica k of a batch is the single run with that seed
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(n_rep) + seed)
-    skin = nl.choose_skin(cfg.cutoff) if skin is None else float(skin)
-    if capacity is None:  # room for the replica with the most pairs
-        most = max(nl.count_pairs(positions[k], cfg.cutoff + skin, cells[k], periodic, mask[k]) for k in range(n_rep))
-        capacity = max(int(math.ceil(most * 1.15)), 16)
-    images = (0, 0, 0)
-    if periodic:
-        for cell in np.asarray(cells):
-            images = tuple(max(a, b) for a, b in zip(images, nl.images_needed(cell * 0.9, cfg.cutoff + skin)))
-    spec = nl.Spec(float(cfg.cutoff), skin, int(capacity), images, periodic)
+    spec = nl.make_spec(positions, cfg.cutoff, cells, periodic, skin, capacity, mask)  # room for every replica
 
     writer = _Writer(output, atoms_list, ensemble) if output is not None else None
     reallocations = 0
@@ -414,8 +405,9 @@ class _Writer:
         from ase.calculators.singlepoint import SinglePointCalculator
         from ase.io import write
 
+        handles = [path.open("a") for path in self.paths]
         for f in range(len(frames.step)):
-            for k, (atoms, path) in enumerate(zip(self.atoms, self.paths)):
+            for k, (atoms, handle) in enumerate(zip(self.atoms, handles)):
                 n = len(atoms)
                 a = atoms.copy()
                 a.positions = frames.positions[f, k, :n]
@@ -425,8 +417,7 @@ class _Writer:
                 a.info["step"] = int(frames.step[f, k])
                 a.info["time_fs"] = float(frames.step[f, k] * timestep)
                 a.calc = SinglePointCalculator(a, energy=float(frames.potential[f, k]), forces=frames.forces[f, k, :n])
-                with path.open("a") as handle:
-                    write(handle, a, format="extxyz")
+                write(handle, a, format="extxyz")
                 row = (k, int(frames.step[f, k]), float(frames.step[f, k] * timestep), float(frames.potential[f, k]),
                        float(frames.kinetic[f, k]), float(frames.potential[f, k] + frames.kinetic[f, k]),
                        float(frames.conserved[f, k]), float(frames.temperature[f, k]), float(frames.pressure[f, k]),
@@ -434,6 +425,8 @@ class _Writer:
                        float(frames.fmax[f, k]))
                 self.rows.append(row)
                 self.log.write(",".join(f"{x:.10g}" if isinstance(x, float) else str(x) for x in row) + "\n")
+        for handle in handles:
+            handle.close()
         self.log.flush()
 
     def close(self, result: Result | None = None, stopped: str | None = None):
