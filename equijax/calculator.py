@@ -5,6 +5,13 @@
     atoms.get_forces()                       # eV/Å
     atoms.calc.get_hessian(atoms)            # (3N, 3N) eV/Å², for ase.vibrations.VibrationsData.from_2d
 
+A committee model file (``equijax train train.ensemble=K``) gives the
+members' mean energy, forces and stress (the derivatives of the mean
+energy) and how much the members disagree: ``results["energy_std"]`` (eV,
+over members), ``results["forces_std"]`` ((N,) eV/Å per atom,
+:func:`equijax.ensemble.force_spread`) and ``results["energies"]`` ((K,)
+eV, every member's energy).
+
 Each calculator pads its graphs to a grow-only capacity
 (:func:`equijax.graph.grow_capacity`): MD, relaxations and a stream of
 different structures reuse one compiled function and recompile only when a
@@ -27,6 +34,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 class Compiled(NamedTuple):
     energy_forces_stress: object  # jitted physics.energy_forces_stress
     hessian: object  # jitted dense or chunked Hessian
+    members: object = None  # committees: jitted ensemble.predict (every member's prediction)
 
 
 @functools.lru_cache(maxsize=16)
@@ -35,7 +43,12 @@ def compiled(model, hessian_batch_size=None) -> Compiled:
     so that a new calculator on the same model compiles nothing again."""
     hess = physics.hessian(model.energy) if hessian_batch_size is None else \
         physics.hessian_chunked(model.energy, hessian_batch_size)
-    return Compiled(jax.jit(physics.energy_forces_stress(model.energy)), jax.jit(hess))
+    members = None
+    if model.member is not None:
+        from equijax import ensemble
+
+        members = jax.jit(lambda params, graph: ensemble.predict(model, params, graph))
+    return Compiled(jax.jit(physics.energy_forces_stress(model.energy)), jax.jit(hess), members)
 
 
 class EquijaxCalculator(Calculator):
@@ -60,7 +73,7 @@ class EquijaxCalculator(Calculator):
             raise ValueError("give a checkpoint path, or both model and params")
         self.model, self.params = model, params
         self.dtype = np.float64 if model.config.dtype == "float64" else np.float32
-        self._efs, self._hessian = compiled(model, hessian_batch_size)
+        self._efs, self._hessian, self._members = compiled(model, hessian_batch_size)
         self.capacity = None  # padded (n_node, n_edge, n_graph), grown on demand
 
     def _graph(self, atoms):
@@ -73,10 +86,21 @@ class EquijaxCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        out = jax.device_get(self._efs(self.params, self._graph(self.atoms)))
+        graph = self._graph(self.atoms)
         n = len(self.atoms)
+        if self._members is None:
+            out = jax.device_get(self._efs(self.params, graph))
+        else:  # one pass gives every member; the mean is the committee's prediction
+            from equijax import ensemble
+
+            each = jax.device_get(self._members(self.params, graph))
+            out = jax.tree_util.tree_map(lambda x: x.mean(0), each)
         energy = float(out.energy[0])
         self.results = {"energy": energy, "free_energy": energy, "forces": np.asarray(out.forces[:n], float)}
+        if self._members is not None:
+            energies = np.asarray(each.energy[:, 0], float)
+            self.results.update(energy_std=float(np.sqrt(ensemble.variance(energies))), energies=energies,
+                                forces_std=np.asarray(ensemble.force_spread(each.forces[:, :n]), float))
         if self.atoms.pbc.all():
             self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(out.stress[0], float))
         elif "stress" in properties:

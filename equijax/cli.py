@@ -134,8 +134,49 @@ def _evaluate(args):
     for r in rows:
         print(f"{Path(r['data']).name:40s} {r['frames']:6d} {r['energy_mae_meV_atom']:10.2f} "
               f"{r['energy_rmse_meV_atom']:10.2f} {r['forces_mae_meV_A']:10.1f} {r['forces_rmse_meV_A']:10.1f}")
+    if model.member is not None:
+        _calibration_report(model, params, args.data, sets, rows, out)
     (out / "metrics.json").write_text(json.dumps(rows, indent=1))
-    print(f"parity plots and metrics.json in {out}/")
+    print(f"parity plots{', calibration plot' if model.member is not None else ''} and metrics.json in {out}/")
+
+
+def _calibration_report(model, params, paths, sets, rows, out):
+    """A committee's spread against its actual errors, per data file (printed, stored, plotted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from equijax import ensemble
+
+    k = ensemble.size(params)
+    print(f"\ncommittee of {k} members: does the spread flag the errors? (per atom; per frame for energies)")
+    print(f"{'data':40s} {'mean spread':>12s} {'mean |ΔF|':>10s} {'Spearman':>9s} {'caught':>7s} {'E Spearman':>11s}")
+    print(f"{'':40s} {'meV/Å':>12s} {'meV/Å':>10s} {'F':>9s} {'top 10%':>7s} {'':>11s}")
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    lo, hi = np.inf, 0.0
+    for path, ds, row in zip(paths, sets, rows):
+        e = ensemble.errors(model, params, ds)
+        cal = ensemble.calibration(e.force_spread, e.force_error)
+        cal["energy_spearman"] = ensemble.spearman(e.energy_spread, e.energy_error) if len(e.energy_error) > 2 \
+            else float("nan")
+        row["calibration"] = cal
+        row["mean_force_spread_meV_A"] = 1000 * float(e.force_spread.mean())
+        print(f"{Path(path).name:40s} {row['mean_force_spread_meV_A']:12.1f} {1000 * e.force_error.mean():10.1f} "
+              f"{cal['spearman']:9.2f} {100 * cal['caught']:6.0f}% {cal['energy_spearman']:11.2f}")
+        x = [1000 * b["spread"] for b in cal["bins"]]
+        y = [1000 * b["rms_error"] for b in cal["bins"]]
+        ax.plot(x, y, "o-", label=f"{Path(path).stem} (ρ={cal['spearman']:.2f})")
+        lo, hi = min(lo, *x, *y), max(hi, *x, *y)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="error = spread")
+    ax.set(xscale="log", yscale="log", xlabel="force spread of the members, decile mean (meV/Å)",
+           ylabel="RMS force error in the decile (meV/Å)", title=f"calibration, {k} members")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "calibration.png", dpi=120)
+    plt.close(fig)
+    print("caught: share of the 10% largest per-atom force errors whose spread is in the top 10% (10% by chance)")
 
 
 def _vibrate(args):
@@ -159,11 +200,19 @@ def _vibrate(args):
     out.mkdir(parents=True, exist_ok=True)
     freqs, _ = result.normal_modes()
     intensities = result.ir_intensities() if args.ir else None
-    print(f"{len(atoms)} atoms; {result.n_rigid} rigid-body modes projected out; {len(freqs)} vibrations:")
-    print("  mode  freq (cm⁻¹)" + ("   IR (km/mol)" if args.ir else ""))
+    spread = None
+    if model.member is not None:  # a committee: every member's frequencies, paired by mode overlap
+        members = vibrations.member_frequencies(model, params, result, args.batch_size)
+        spread = members.std(0)
+        np.savetxt(out / "frequencies_members_cm.txt", members.T,
+                   header="harmonic frequencies of each committee member (columns), cm^-1, rows paired with "
+                          "frequencies_cm.txt by normal-mode overlap")
+    print(f"{len(atoms)} atoms; {result.n_rigid} rigid-body modes projected out; {len(freqs)} vibrations"
+          + (f"; ± is the spread (std) of {len(members)} committee members" if spread is not None else "") + ":")
+    print("  mode  freq (cm⁻¹)" + ("   ± (cm⁻¹)" if spread is not None else "") + ("   IR (km/mol)" if args.ir else ""))
     for k, f in enumerate(freqs):
-        print(f"  {k + 1:4d} {f:12.1f}" + (f" {intensities[k]:13.2f}" if args.ir else "")
-              + ("  (imaginary)" if f < 0 else ""))
+        print(f"  {k + 1:4d} {f:12.1f}" + (f" {spread[k]:10.1f}" if spread is not None else "")
+              + (f" {intensities[k]:13.2f}" if args.ir else "") + ("  (imaginary)" if f < 0 else ""))
     ase.io.write(out / "relaxed.xyz", result.atoms)
     result.vibrations.write_jmol(out / "modes.xyz")
     np.savetxt(out / "frequencies_cm.txt", freqs, header="harmonic frequencies, cm^-1")
@@ -236,6 +285,7 @@ def _md(args):
                          friction=args.friction, tau=args.tau, tau_p=args.tau_p,
                          compressibility=args.compressibility, seed=args.seed, replicas=args.replicas,
                          minimize=args.minimize, fmax=args.fmax, skin=args.skin, capacity=args.capacity,
+                         max_force_spread=args.max_force_spread, on_spread=args.on_spread,
                          output=out, progress=not args.no_progress)
     f = result.frames
     timing = "compile included: a run of one chunk" if result.compile_included else "compile excluded"
@@ -328,7 +378,9 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_config)
     e = sub.add_parser("evaluate", help="metrics and parity plots of a model on data files",
                        description="Evaluate a model file or checkpoint (its EMA parameters) on labelled data "
-                                   "files (.xyz/.extxyz, rMD17 .npz, ASE .db).")
+                                   "files (.xyz/.extxyz, rMD17 .npz, ASE .db). A committee (trained with "
+                                   "train.ensemble > 1) also reports its calibration: how well the members' "
+                                   "spread ranks the actual errors (Spearman), and a calibration plot.")
     e.add_argument("checkpoint", metavar="MODEL", help="model.npz or checkpoint.npz")
     e.add_argument("data", nargs="+")
     e.add_argument("--output", help="folder for plots and metrics.json (default: next to the checkpoint)")
@@ -391,6 +443,12 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--skin", type=float, help="neighbour-list skin, Å (default 0.25)")
     m.add_argument("--capacity", type=int, help="neighbour-list pairs (default: 1.15 x the pairs found; grows on overflow)")
     m.add_argument("--float64", action="store_true", help="run in double precision")
+    m.add_argument("--max-force-spread", type=float, metavar="EV_PER_A",
+                   help="committee models only: stop (or warn, see --on-spread) at the first frame where the "
+                        "members' per-atom forces disagree by more than this, eV/Å (the spread is logged in "
+                        "md_log.csv either way)")
+    m.add_argument("--on-spread", choices=("stop", "warn"), default="stop",
+                   help="what --max-force-spread does: stop, keeping every frame before (default), or warn")
     m.add_argument("--output", help="output folder (default: STRUCTURE_md)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     m.set_defaults(func=_md)

@@ -89,6 +89,12 @@ SCHEMA: dict = {
                                         "lowers the learning rate"),
         "plateau_factor": Key(float, 0.5, "factor of each plateau reduction"),
         "seed": Key(int, 0, "initialisation, validation split and data order"),
+        "ensemble": Key(int, 1, "members trained at once in one compiled step (a committee: predictions "
+                                "with a spread); member k starts from the initialisation of seed + k, "
+                                "all members see the same batches"),
+        "ensemble_strategy": Key(("auto", "vmap", "map"), "auto",
+                                 "how the step runs over members: vmap (side by side), map (one after "
+                                 "another inside the program), auto (map on CPU, vmap on GPU/TPU)"),
         "weights": {
             "energy": Key(float, 1.0, "weight of the per-atom energy MSE", "1/(eV/atom)²"),
             "forces": Key(float, 10.0, "weight of the force-component MSE", "1/(eV/Å)²"),
@@ -177,8 +183,8 @@ def validate(config: dict) -> dict:
         raise ConfigError("data.train is required: the training files")
     if not 0.0 < config["data"]["valid_fraction"] < 1.0:
         raise ConfigError(f"data.valid_fraction must lie between 0 and 1, got {config['data']['valid_fraction']}")
-    for name in ("train.batch_size", "train.max_steps", "train.eval_every", "model.channels", "model.n_layers",
-                 "model.n_radial"):
+    for name in ("train.batch_size", "train.max_steps", "train.eval_every", "train.ensemble", "model.channels",
+                 "model.n_layers", "model.n_radial"):
         section, key = name.split(".")
         if config[section][key] < 1:
             raise ConfigError(f"{name} must be at least 1, got {config[section][key]}")

@@ -50,6 +50,9 @@ class NequIPConfig:
             trained either way evaluate as trained.
         readout_hidden: scalar width of the readout's hidden layer.
         dtype: ``"float32"`` or ``"float64"``.
+        members: 1 for one potential; K > 1 for a committee of K members of
+            these hyperparameters, parameters stacked ``(K, ...)`` and energy
+            the members' mean (:mod:`equijax.ensemble`).
         energy_shift, energy_scale: per-species atomic energy shift (eV) and
             scale (eV), ``E_i = scale[Z_i] * e_i + shift[Z_i]``; default 0 and 1.
     """
@@ -69,6 +72,7 @@ class NequIPConfig:
     dtype: str = "float32"
     energy_shift: Optional[tuple] = None
     energy_scale: Optional[tuple] = None
+    members: int = 1
 
     def replace(self, **kwargs) -> "NequIPConfig":
         return dataclasses.replace(self, **kwargs)
@@ -106,6 +110,8 @@ class Potential(NamedTuple):
             carries its total charge (``globals["charge"]``, default 0).
         dipole: ``(params, graph) -> (n_graph, 3)`` e·Å, ``Σ_i q_i r_i``
             (origin-independent for neutral molecules; not for crystals).
+        member: for a committee (:func:`equijax.ensemble.committee`), the
+            potential of one member; ``None`` for a single potential.
     """
 
     init: Callable
@@ -114,6 +120,7 @@ class Potential(NamedTuple):
     config: NequIPConfig
     charges: Optional[Callable] = None
     dipole: Optional[Callable] = None
+    member: Optional["Potential"] = None
 
 
 def species_index(species: tuple, atomic_numbers: jax.Array) -> jax.Array:
@@ -165,7 +172,14 @@ def nequip(config: NequIPConfig, interaction=None) -> Potential:
             apply_fn)`` with the signatures of :func:`layers.conv_plan`,
             :func:`layers.conv_init` and :func:`layers.conv`; this is how a
             researcher swaps in a new layer (see ``notebooks/``).
+
+    With ``config.members = K > 1`` it returns the committee of K such
+    potentials (:func:`equijax.ensemble.committee`).
     """
+    if config.members != 1:
+        from equijax import ensemble
+
+        return ensemble.committee(nequip(config.replace(members=1), interaction), config.members)
     plan_fn, block_init, block_apply = interaction or (layers.conv_plan, layers.conv_init, layers.conv)
     if config.message_normalization not in ("sqrt", "mean"):
         raise ValueError(f"message_normalization must be 'sqrt' or 'mean', got {config.message_normalization!r}")

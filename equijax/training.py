@@ -121,16 +121,19 @@ def optimizer(learning_rate=5e-3, warmup_steps=100, total_steps=10_000, schedule
     )
 
 
-def set_lr_factor(opt_state, factor: float):
-    """Set the reduce-on-plateau factor inside an :func:`optimizer` state."""
+def set_lr_factor(opt_state, factor):
+    """Set the reduce-on-plateau factor inside an :func:`optimizer` state
+    (a number; for stacked ensemble states, one per member)."""
     scale_state = opt_state[2]
     hp = dict(scale_state.hyperparams)
-    hp["step_size"] = jnp.asarray(factor, hp["step_size"].dtype)
+    hp["step_size"] = jnp.asarray(factor, hp["step_size"].dtype).reshape(hp["step_size"].shape)
     return opt_state[:2] + (scale_state._replace(hyperparams=hp),) + opt_state[3:]
 
 
-def lr_factor(opt_state) -> float:
-    return float(opt_state[2].hyperparams["step_size"])
+def lr_factor(opt_state):
+    """The plateau factor: a float, or an array of one per member for ensemble states."""
+    x = np.asarray(jax.device_get(opt_state[2].hyperparams["step_size"]))
+    return float(x) if x.ndim == 0 else x
 
 
 class TrainState(NamedTuple):
@@ -175,6 +178,26 @@ def train_step(energy_fn, opt: optax.GradientTransformation, weights: LossWeight
         return TrainState(params, ema, opt_state, state.step + 1), metrics
 
     return fn
+
+
+def ensemble_train_step(step, strategy: str = "auto"):
+    """``(states, stacked_graph, active) -> (states, metrics)``: one step of K members (jit it).
+
+    ``step`` is a single-model :func:`train_step`; ``states`` are K
+    :class:`TrainState` stacked on a leading axis; every member takes the
+    same batch; ``active`` (K,) bool freezes members that stopped early
+    (their state comes back unchanged). Metrics have a leading K axis.
+    ``strategy``: :func:`equijax.ensemble.over_members`.
+    """
+    from equijax import ensemble
+
+    def one(member, batch):
+        state, active = member
+        new, metrics = step(state, batch)
+        return jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new, state), metrics
+
+    mapped = ensemble.over_members(one, strategy)
+    return lambda states, batch, active: mapped((states, active), batch)
 
 
 def evaluator(energy_fn, with_stress: bool = False, dipole_fn=None):
@@ -307,6 +330,14 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     ``callback(step, state)``, if given, runs after every step (tests use it
     to simulate a kill).
 
+    With ``train.ensemble = K > 1`` it trains a committee of K members in
+    one compiled step (:func:`ensemble_train_step`): member k starts from the
+    initialisation of ``seed + k`` (so member 0 is the single model of the
+    same seed), all members take the same batches, each has its own EMA,
+    plateau schedule and early stopping (a stopped member is frozen), and
+    ``model.npz`` holds every member's best EMA parameters stacked, with
+    ``config.members = K`` (the file loads as the committee).
+
     Returns:
         dict with the test metrics of the best EMA parameters and paths.
 
@@ -353,9 +384,15 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     if not train:
         raise ValueError(f"no training frames left after holding out {n_valid} for validation")
 
+    n_members = tc["ensemble"]
     if resumed is not None:
         model_cfg = NequIPConfig.from_dict(resumed["config"])
-        log(f"resuming from {ckpt_path} at step {int(resumed['step'])}")
+        if model_cfg.members != n_members:
+            raise config_lib.ConfigError(
+                f"{ckpt_path} holds an ensemble of {model_cfg.members} member(s), the config asks for "
+                f"train.ensemble={n_members}: restart with --restart or keep train.ensemble={model_cfg.members}")
+        model_cfg = model_cfg.replace(members=1)
+        log(f"resuming from {ckpt_path} at step {int(np.max(resumed['step']))}")
     else:
         base = NequIPConfig.from_dict({**{k: v for k, v in mc.items() if v is not None}, "species": (1,)})
         use_e0s = dc["energy_shift"] == "e0s" or (dc["energy_shift"] == "auto" and dc["e0s"] is not None)
@@ -371,7 +408,10 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         log(f"{len(train)} training, {len(valid)} validation frames; species {list(stats.species)}; "
             f"avg neighbours {stats.avg_num_neighbours:.1f}; force RMS {stats.force_rms:.3f} eV/Å; "
             f"energy shift from {'isolated atoms' if e0s else 'least squares'}")
-    model = nequip(model_cfg)
+    model = nequip(model_cfg)  # one member
+    saved_cfg = model_cfg.replace(members=n_members).to_dict()  # what files record: loads as the committee
+    if n_members > 1:
+        _check_ensemble_fits(model, n_members)
     mesh = data_mesh()
     dtype = np.float64 if model_cfg.dtype == "float64" else np.float32
     bs = tc["batch_size"]
@@ -383,37 +423,64 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     with_stress = weights.stress > 0
     dipole_fn = model.dipole if weights.dipole > 0 else None
     opt = optimizer(tc["learning_rate"], tc["warmup_steps"], max_steps, tc["schedule"], tc["clip_norm"])
-    plateau = Plateau(tc["plateau_patience"], tc["plateau_factor"], stop_patience=tc["early_stopping_patience"])
+    plateaus = [Plateau(tc["plateau_patience"], tc["plateau_factor"], stop_patience=tc["early_stopping_patience"])
+                for _ in range(n_members)]
+    ensemble_run = n_members > 1
 
     if resumed is not None:
         state = jax.tree_util.tree_map(jnp.asarray, TrainState(resumed["params"], resumed["ema_params"],
                                                                _restore_opt_state(opt, resumed), resumed["step"]))
-        plateau.load_state_dict(resumed["plateau"])
+        saved = resumed["plateau"] if ensemble_run else [resumed["plateau"]]
+        for p, d in zip(plateaus, saved):
+            p.load_state_dict(d)
+    elif ensemble_run:
+        from equijax import ensemble
+
+        state = ensemble.stack([init_state(initial_params(model, jax.random.PRNGKey(tc["seed"] + k)), opt)
+                                for k in range(n_members)])
     else:
         state = init_state(initial_params(model, jax.random.PRNGKey(tc["seed"])), opt)
     state = replicate(state, mesh)
-    step_fn = jax.jit(train_step(model.energy, opt, weights, tc["ema_decay"], dipole_fn), donate_argnums=0)
-    eval_fn = jax.jit(evaluator(model.energy, with_stress, dipole_fn))
+    single_step = train_step(model.energy, opt, weights, tc["ema_decay"], dipole_fn)
+    single_eval = evaluator(model.energy, with_stress, dipole_fn)
+    if ensemble_run:
+        from equijax import ensemble
+
+        step_fn = _ensemble_step_fn(single_step, tc["ensemble_strategy"], n_members)
+        eval_fn = jax.jit(ensemble.over_members(single_eval, tc["ensemble_strategy"]))
+        stopped = [p.since_best >= p.stop_patience for p in plateaus]
+        # every member's best EMA parameters so far: what model.npz holds
+        best = jax.device_get(state.ema_params)
+        if resumed is not None and (output / MODEL_NAME).exists():
+            best = jax.device_get(checkpoint.load_model(output / MODEL_NAME).params)
+    else:
+        step_fn = jax.jit(single_step, donate_argnums=0)
+        eval_fn = jax.jit(single_eval)
     eval_every = tc["eval_every"]
 
     def validate(params):
+        """Validation metrics: a dict, or for an ensemble a list of dicts (one per member)."""
         total = None
         for batch in valid_set.batches():
             sums = jax.device_get(eval_fn(params, shard(batch, mesh)))
             total = sums if total is None else jax.tree_util.tree_map(lambda a, b: a + b, total, sums)
-        return metrics(total)
+        if not ensemble_run:
+            return metrics(total)
+        return [metrics(jax.tree_util.tree_map(lambda x: x[k], total)) for k in range(n_members)]
 
     def save():
-        checkpoint.save(ckpt_path, config=model_cfg.to_dict(), params=state.params, ema_params=state.ema_params,
+        checkpoint.save(ckpt_path, config=saved_cfg, params=state.params, ema_params=state.ema_params,
                         opt_state=jax.tree_util.tree_leaves(state.opt_state), step=state.step,
-                        plateau=plateau.state_dict(), run_config=config)
+                        plateau=[p.state_dict() for p in plateaus] if ensemble_run else plateaus[0].state_dict(),
+                        run_config=config)
 
     def export(valid_metrics):
-        checkpoint.save_model(output / MODEL_NAME, model_cfg.to_dict(), state.ema_params, step=int(state.step),
+        params = best if ensemble_run else state.ema_params
+        checkpoint.save_model(output / MODEL_NAME, saved_cfg, params, step=int(np.max(jax.device_get(state.step))),
                               valid=valid_metrics, run_config=config)
 
     metrics_path = output / "metrics.jsonl"
-    step = int(state.step)
+    step = int(np.max(jax.device_get(state.step)))
     if resumed is None and metrics_path.exists():
         metrics_path.unlink()
     elif metrics_path.exists():  # lines written after the checkpoint will be written again
@@ -431,34 +498,61 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                                                     drop_last=True)):
             if k < skip:
                 continue
-            state, m = step_fn(state, shard(batch, mesh))
+            if ensemble_run:
+                state, m = step_fn(state, shard(batch, mesh), np.logical_not(stopped))
+            else:
+                state, m = step_fn(state, shard(batch, mesh))
             step += 1
             if step % 10 == 0 or step == max_steps:
                 m = jax.device_get(m)
-                bar.set_postfix(loss=f"{float(m['loss']):.4f}", F_rmse=f"{1000 * float(m['forces_rmse']):.0f} meV/Å",
-                                lr=f"{lr_factor(state.opt_state):.2g}×")
+                bar.set_postfix(loss=f"{float(np.mean(m['loss'])):.4f}",
+                                F_rmse=f"{1000 * float(np.mean(m['forces_rmse'])):.0f} meV/Å",
+                                lr=f"{float(np.mean(lr_factor(state.opt_state))):.2g}×")
             bar.update(1)
             if callback is not None:
                 callback(step, state)
             if step % eval_every == 0 or step == max_steps:
-                v = validate(state.ema_params)
-                factor, improved, stop = plateau.update(v["forces_rmse"] + v["energy_rmse"], lr_factor(state.opt_state))
-                if tc["schedule"] == "plateau":
-                    state = state._replace(opt_state=set_lr_factor(state.opt_state, factor))
+                if ensemble_run:
+                    members = validate(state.ema_params)
+                    factors = np.array(lr_factor(state.opt_state), dtype=float)
+                    improved = False
+                    ema_now = None
+                    for k, (p, vk) in enumerate(zip(plateaus, members)):
+                        if stopped[k]:
+                            continue
+                        factors[k], better, stopped[k] = p.update(vk["forces_rmse"] + vk["energy_rmse"], factors[k])
+                        if better:
+                            ema_now = jax.device_get(state.ema_params) if ema_now is None else ema_now
+                            best = jax.tree_util.tree_map(lambda b, e: _set_row(b, k, e[k]), best, ema_now)
+                            improved = True
+                    stop = all(stopped)
+                    if tc["schedule"] == "plateau":
+                        state = state._replace(opt_state=set_lr_factor(state.opt_state, factors))
+                    v = {key: float(np.mean([vk[key] for vk in members])) for key in members[0]}
+                    extra = {"valid_members": members, "stopped": [bool(x) for x in stopped]}
+                else:
+                    v = validate(state.ema_params)
+                    factor, improved, stop = plateaus[0].update(v["forces_rmse"] + v["energy_rmse"],
+                                                                lr_factor(state.opt_state))
+                    if tc["schedule"] == "plateau":
+                        state = state._replace(opt_state=set_lr_factor(state.opt_state, factor))
+                    extra = {}
                 record = {"step": step, "epoch": step / steps_per_epoch, "time_s": time.time() - t0,
-                          "train_loss": float(jax.device_get(m["loss"])), **{f"valid_{k}": x for k, x in v.items()}}
+                          "train_loss": float(np.mean(jax.device_get(m["loss"]))),
+                          **{f"valid_{k}": x for k, x in v.items()}, **extra}
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.write(f"step {step:6d}  valid: E MAE {v['energy_mae']:.2f} meV/atom, "
-                          f"F MAE {v['forces_mae']:.1f} meV/Å")
+                bar.write(f"step {step:6d}  valid{' (mean of members)' if ensemble_run else ''}: "
+                          f"E MAE {v['energy_mae']:.2f} meV/atom, F MAE {v['forces_mae']:.1f} meV/Å")
                 if improved:
-                    export(v)
+                    export(members if ensemble_run else v)
                 save()
             if step >= max_steps or stop:
                 break
     bar.close()
     if stop:
-        log(f"early stopping at step {step}: no validation improvement for {plateau.stop_patience} evaluations")
+        log(f"early stopping at step {step}: no validation improvement for {plateaus[0].stop_patience} evaluations"
+            + (" (every member)" if ensemble_run else ""))
 
     plot_learning_curve(metrics_path, output / "learning_curve.png")
     result = {"steps": step, "train_time_s": time.time() - t0, "output": str(output), "machine": machine_info()}
@@ -471,9 +565,52 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         forces = np.concatenate([s.labels["forces"].ravel() for s in test])
         result["test"]["zero_force_mae"] = 1000 * float(np.abs(forces).mean())
         result["n_test"] = len(test)
+        if ensemble_run:
+            from equijax import ensemble
+
+            result["test_members"] = [evaluate(best_model.member.energy, ensemble.member(best_params, k), test_set,
+                                               with_stress, mesh) for k in range(n_members)]
+            result["test_calibration"] = ensemble.force_calibration(best_model, best_params, test_set)
     with open(output / "result.json", "w") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def _set_row(stacked, k, value):
+    stacked = np.array(stacked)  # a writable host copy
+    stacked[k] = value
+    return stacked
+
+
+def _check_ensemble_fits(model, n_members: int) -> None:
+    """Refuse an ensemble whose training state alone cannot fit in memory, before allocating it."""
+    from equijax import ensemble
+
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    per_member = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+    need = 6 * per_member * n_members  # params, EMA, two Adam moments, gradients, updates
+    room = ensemble.memory_available()
+    if room is not None and need > room:
+        raise MemoryError(f"train.ensemble={n_members} needs {need / 2**30:.1f} GiB for the training state alone "
+                          f"and the device has {room / 2**30:.1f} GiB free: use "
+                          f"train.ensemble={max(int(room // (6 * per_member)), 1)} or fewer")
+
+
+def _ensemble_step_fn(single_step, strategy: str, n_members: int):
+    """The jitted K-member step, compiled at its first call and checked against the memory there is."""
+    from equijax import ensemble
+
+    jitted = jax.jit(ensemble_train_step(single_step, strategy), donate_argnums=0)
+    compiled = []
+
+    def fn(states, batch, active):
+        if not compiled:
+            exe = jitted.lower(states, batch, active).compile()
+            ensemble.check_memory(exe, n_members)
+            compiled.append(exe)
+        return compiled[0](states, batch, active)
+
+    return fn
 
 
 def _restore_opt_state(opt, payload):

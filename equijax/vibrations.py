@@ -243,3 +243,48 @@ def vibrate(model, params, atoms, relax: bool = False, fmax: float = 1e-3, batch
     projected, n_rigid = project_hessian(h, atoms)
     dmu = dipole_derivative(model64, params64, atoms) if ir else None
     return VibrationalResult(atoms, projected, n_rigid, VibrationsData.from_2d(atoms, projected), dmu)
+
+
+def match_modes(reference: np.ndarray, modes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pair the modes of two analyses by the overlap of their eigenvectors, not by order.
+
+    Args:
+        reference, modes: (M, 3N) mass-weighted orthonormal mode vectors
+            (:meth:`VibrationalResult.normal_modes`) of the same molecule.
+
+    Returns:
+        ``(index, overlap)``, both (M,): ``modes[index[i]]`` is the partner of
+        ``reference[i]`` (the assignment that maximises the total absolute
+        overlap) and ``overlap[i]`` its ``|<reference_i, modes_j>|`` in [0, 1].
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    o = np.abs(reference @ modes.T)
+    rows, cols = linear_sum_assignment(-o)
+    index = np.empty(len(reference), int)
+    index[rows] = cols
+    return index, o[np.arange(len(reference)), index]
+
+
+def member_frequencies(model, params, result: VibrationalResult, batch_size: int | None = None) -> np.ndarray:
+    """(K, M) harmonic frequencies (cm⁻¹) of every member of a committee, paired with ``result``'s modes.
+
+    Each member's Hessian is taken at ``result.atoms`` (the committee's
+    geometry), projected like the committee's, and its modes are matched to
+    the committee's by eigenvector overlap (:func:`match_modes`); the spread
+    of a column is the uncertainty of that frequency.
+    """
+    from equijax import ensemble
+
+    if getattr(model, "member", None) is None:
+        raise ValueError("member frequencies need a committee model (trained with train.ensemble > 1)")
+    model64, params64 = float64_model(model, params)
+    _, reference = result.normal_modes()
+    out = []
+    for k in range(ensemble.size(params64)):
+        h = hessian_2d(model64.member, ensemble.member(params64, k), result.atoms, batch_size)
+        projected, _ = project_hessian(h, result.atoms)
+        freqs, modes = result._replace(hessian=projected).normal_modes()
+        index, _ = match_modes(reference, modes)
+        out.append(freqs[index])
+    return np.array(out)

@@ -99,6 +99,30 @@ MUTATIONS = {
         "            if False:  # BUG: an overflowing list is used as it is",
         ["tests/test_md.py::test_overflow_is_recovered_without_losing_a_step"],
     ),
+    "ensemble_ignores_stopped_members": (
+        "equijax/training.py",
+        "        return jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new, state), metrics",
+        "        return new, metrics  # BUG: a member that stopped early keeps training",
+        ["tests/test_ensemble.py::test_an_ensemble_step_equals_single_steps_and_freezes_stopped_members"],
+    ),
+    "committee_sums_members": (
+        "equijax/ensemble.py",
+        "        return lambda params, graph: jnp.mean(mapped(params, graph), axis=0)",
+        "        return lambda params, graph: jnp.sum(mapped(params, graph), axis=0)  # BUG: sum, not mean",
+        ["tests/test_ensemble.py::test_a_committee_is_the_mean_and_identical_members_have_no_spread"],
+    ),
+    "ensemble_members_share_a_seed": (
+        "equijax/training.py",
+        'initial_params(model, jax.random.PRNGKey(tc["seed"] + k))',
+        'initial_params(model, jax.random.PRNGKey(tc["seed"] + 0 * k))',  # BUG: every member starts the same
+        ["tests/test_ensemble.py::test_an_ensemble_run_resumes_exactly_and_its_members_differ"],
+    ),
+    "ensemble_resume_forgets_best_members": (
+        "equijax/training.py",
+        "        if resumed is not None and (output / MODEL_NAME).exists():",
+        "        if False:  # BUG: a resume forgets the best parameters found before the kill",
+        ["tests/test_ensemble.py::test_an_ensemble_run_resumes_exactly_and_its_members_differ"],
+    ),
 }
 
 

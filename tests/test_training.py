@@ -78,7 +78,7 @@ class Killed(Exception):
 def assert_same_run(a_dir, b_dir):
     """Bitwise equal final checkpoints and model files, and the same metrics."""
     a, b = checkpoint.load(a_dir / "checkpoint.npz"), checkpoint.load(b_dir / "checkpoint.npz")
-    assert int(a["step"]) == int(b["step"])
+    np.testing.assert_array_equal(a["step"], b["step"])  # one per member for ensembles
     for key in ("params", "ema_params", "opt_state"):
         leaves_a, leaves_b = jax.tree_util.tree_leaves(a[key]), jax.tree_util.tree_leaves(b[key])
         assert len(leaves_a) == len(leaves_b)
@@ -177,6 +177,14 @@ SHARDED = textwrap.dedent("""
         out["shard_atoms_%d" % n] = shards
         out["params_%d" % n] = [np.asarray(x).ravel()[:20].tolist() for x in jax.tree_util.tree_leaves(state.params)]
         out["devices_%d" % n] = len(state.params["embedding"].sharding.device_set)
+        # an ensemble of 2 (lax.map over members) on the same mesh: members replicated, data sharded
+        step2 = jax.jit(training.ensemble_train_step(training.train_step(model.energy, opt), "map"))
+        states = training.replicate(equijax.ensemble.stack(
+            [training.init_state(model.init(jax.random.PRNGKey(k)), opt) for k in range(2)]), mesh)
+        out["ensemble_%d" % n] = []
+        for batch in ds.batches(shuffle=True, seed=0):
+            states, m = step2(states, training.shard(batch, mesh), np.ones(2, bool))
+            out["ensemble_%d" % n].append(np.asarray(m["loss"]).tolist())
     print(json.dumps(out))
 """)
 
@@ -190,6 +198,7 @@ def test_sharded_training_matches_single_device_on_uneven_shards():
     assert out["devices_4"] == 4
     assert any(len(set(s)) > 1 for s in out["shard_atoms_4"])  # shards of different atom counts
     np.testing.assert_allclose(out["4"], out["1"], rtol=1e-10)
+    np.testing.assert_allclose(out["ensemble_4"], out["ensemble_1"], rtol=1e-10)
     for a, b in zip(out["params_4"], out["params_1"]):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 

@@ -97,6 +97,22 @@ def force_fn(model, params, numbers):
     return fn
 
 
+def spread_fn(model, params, numbers):
+    """``(positions, nbrs, cell or None) -> ()`` eV/Å: for a committee, the largest per-atom
+    force spread of its members (:func:`equijax.ensemble.force_spread`); 0 for one model."""
+    numbers = jnp.asarray(numbers, jnp.int32)
+    if getattr(model, "member", None) is None:
+        return lambda positions, nbrs, cell=None: jnp.zeros((), positions.dtype)
+    from equijax import ensemble
+
+    def fn(positions, nbrs, cell=None):
+        g = _graph(numbers, positions, nbrs, cell, model.config.cutoff)
+        spread = ensemble.force_spread(ensemble.predict(model, params, g).forces)
+        return jnp.max(jnp.where(g.nodes["mask"], spread, 0.0)).astype(positions.dtype)
+
+    return fn
+
+
 def jax_md_energy_fn(model, params, numbers, periodic: bool = False):
     """An energy function with jax-md's signature: ``energy(R, neighbor=..., box=..., perturbation=None)``.
 

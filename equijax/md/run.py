@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -35,7 +36,7 @@ from equijax.md import integrators as md, neighbours as nl, potential
 ENSEMBLES = ("nve", "nvt-langevin", "nvt-nose-hoover", "npt")
 
 LOG_COLUMNS = ("replica", "step", "time_fs", "potential_eV", "kinetic_eV", "total_eV", "conserved_eV",
-               "temperature_K", "pressure_GPa", "volume_A3", "fmax_eV_A")
+               "temperature_K", "pressure_GPa", "volume_A3", "fmax_eV_A", "force_spread_eV_A")
 
 
 class MDError(RuntimeError):
@@ -57,6 +58,7 @@ class Frames(NamedTuple):
     pressure: np.ndarray  # GPa (nan when not periodic)
     fmax: np.ndarray  # eV/Å
     isolated: np.ndarray  # real atoms with no neighbour within the cutoff
+    force_spread: np.ndarray  # eV/Å: committees, the largest per-atom force spread of the members (else 0)
 
 
 class Result(NamedTuple):
@@ -100,8 +102,8 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
              friction: float = 0.01, tau: float = 100.0, tau_p: float = 1000.0, compressibility: float = 4.6e-5,
              seed: int = 0, replicas: int = 1, minimize: bool = False, fmax: float = 0.05,
              minimize_steps: int = 2000, skin: float | None = None, capacity: int | None = None,
-             chunk_frames: int = 20, max_temperature: float | None = None, output=None, progress: bool = True,
-             on_chunk=None) -> Result:
+             chunk_frames: int = 20, max_temperature: float | None = None, max_force_spread: float | None = None,
+             on_spread: str = "stop", output=None, progress: bool = True, on_chunk=None) -> Result:
     """Run MD (or minimise first) for one structure or many replicas at once.
 
     Args:
@@ -122,6 +124,12 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
         chunk_frames: frames per device call (``chunk_frames × interval`` steps);
             any number of steps runs on one compiled program.
         max_temperature: stop above this (K); default ``10 × temperature + 1000``.
+        max_force_spread: committees only (``train.ensemble > 1``): a frame
+            whose largest per-atom force spread of the members exceeds this
+            (eV/Å) is where the model stops knowing what it does; every
+            recorded frame logs the spread (``force_spread_eV_A``).
+        on_spread: ``"stop"`` (an :class:`MDError` there, frames before it
+            kept) or ``"warn"`` (a warning, noted in ``summary.json``, and on).
         output: folder for ``trajectory*.extxyz``, ``md_log.csv``, ``md.png``,
             ``summary.json`` (nothing is written when ``None``).
         progress: a progress bar with steps/s and ns/day.
@@ -139,6 +147,10 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
         raise ValueError(f"replicas must be at least 1, got {replicas}")
     if timestep <= 0 or temperature < 0:
         raise ValueError("timestep must be positive and temperature non-negative")
+    if on_spread not in ("stop", "warn"):
+        raise ValueError(f"on_spread must be 'stop' or 'warn', got {on_spread!r}")
+    if max_force_spread is not None and getattr(model, "member", None) is None:
+        raise ValueError("a force-spread threshold needs a committee model (trained with train.ensemble > 1)")
     cfg = model.config
     dtype = jnp.float64 if cfg.dtype == "float64" else jnp.float32
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
@@ -208,6 +220,15 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
             if not periodic:
                 frames = frames._replace(pressure=np.full_like(frames.pressure, np.nan))
             bad = _first_bad(frames, max_temperature, initially_isolated)
+            spread = _first_spread(frames, max_force_spread) if kind != "fire" else None
+            if spread is not None and on_spread == "warn":
+                if not warned:
+                    warnings.warn(spread[1] + f" at step {int(frames.step[spread[0], 0])}; continuing", stacklevel=2)
+                    if writer is not None:
+                        writer.note(f"warning: {spread[1]} at step {int(frames.step[spread[0], 0])}")
+                    warned.append(True)
+            elif spread is not None and (bad is None or spread[0] < bad[0]):
+                bad = spread
             if bad is not None:
                 index, reason = bad
                 good = Frames(*(x[:index] for x in frames))
@@ -234,6 +255,7 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
         return state, nbrs, timed_steps, timed_seconds
 
     warm: set = set()  # programs that ran once: later calls are timed (compile excluded)
+    warned: list = []
     collected: list = []
     initially_isolated = np.stack([_isolated(a, cfg.cutoff, positions.shape[1]) for a in atoms_list])
 
@@ -297,7 +319,7 @@ def _integrator(model, params, settings, numbers, spec, kind, periodic, forces=T
     return md.npt_langevin(ff, spec, s["dt"], s["kT"], s["friction"], s["pressure"], s["compressibility"], s["tau_p"])
 
 
-def _observe(state, nbrs, settings, kind, periodic, cutoff):
+def _observe(state, nbrs, settings, kind, periodic, cutoff, spread_fn):
     """What a frame records (see :class:`Frames`), on the device."""
     kin = md.kinetic_energy(state)
     conserved = state.energy + kin
@@ -310,8 +332,9 @@ def _observe(state, nbrs, settings, kind, periodic, cutoff):
     isolated = jnp.sum(state.mask & (counts == 0))
     fmax = jnp.max(jnp.linalg.norm(state.forces, axis=-1))
     temp = md.temperature_kT(state) / units.kB
+    spread = spread_fn(state.positions, nbrs, state.cell if periodic else None)
     return (state.positions, state.momenta, state.forces, state.cell, state.energy, kin, conserved, temp,
-            press, fmax, isolated)
+            press, fmax, isolated, spread)
 
 
 @functools.lru_cache(maxsize=64)
@@ -334,13 +357,14 @@ def _programs(model, spec: nl.Spec, kind: str, periodic: bool, chunk_frames: int
     def chunk(params, settings, numbers, state, nbrs, valid, every):
         def single(z, state, nbrs):
             step = _integrator(model, params, settings, z, spec, kind, periodic).step
+            spread_fn = potential.spread_fn(model, params, z)
 
             def frame(carry, index):
                 # frames past ``valid`` (the end of the run) leave the state as it is
                 carry = jax.lax.cond(index < valid,
                                      lambda c: jax.lax.fori_loop(0, every, lambda _, c: step(*c), c),
                                      lambda c: c, carry)
-                return carry, _observe(*carry, settings, kind, periodic, model.config.cutoff)
+                return carry, _observe(*carry, settings, kind, periodic, model.config.cutoff, spread_fn)
 
             return jax.lax.scan(frame, (state, nbrs), jnp.arange(chunk_frames))
         return jax.vmap(single)(numbers, state, nbrs)
@@ -362,6 +386,20 @@ def _isolated(atoms, cutoff, n_padded):
 def _neighbour_counts(nbrs, positions, cell, cutoff):
     _, _, _, real = nl.as_pairs(nbrs, positions, cell, cutoff)
     return jnp.zeros(positions.shape[0] + 1, jnp.int32).at[nbrs.receivers].add(real.astype(jnp.int32))[:-1]
+
+
+def _first_spread(frames: Frames, max_force_spread):
+    """``(frame index, reason)`` of the first frame whose force spread exceeds the threshold, or ``None``."""
+    if max_force_spread is None:
+        return None
+    over = frames.force_spread > max_force_spread
+    if not over.any():
+        return None
+    index = int(np.nonzero(over.any(axis=1))[0][0])
+    replicas = np.nonzero(over[index])[0]
+    return index, (f"the committee's force spread {float(frames.force_spread[index].max()):.3g} eV/Å exceeded "
+                   f"{max_force_spread:g} eV/Å (replica {', '.join(map(str, replicas[:5]))}): the model is "
+                   "extrapolating")
 
 
 def _first_bad(frames: Frames, max_temperature, initially_isolated):
@@ -422,7 +460,7 @@ class _Writer:
                        float(frames.kinetic[f, k]), float(frames.potential[f, k] + frames.kinetic[f, k]),
                        float(frames.conserved[f, k]), float(frames.temperature[f, k]), float(frames.pressure[f, k]),
                        float(abs(np.linalg.det(frames.cell[f, k]))) if np.all(a.pbc) else float("nan"),
-                       float(frames.fmax[f, k]))
+                       float(frames.fmax[f, k]), float(frames.force_spread[f, k]))
                 self.rows.append(row)
                 self.log.write(",".join(f"{x:.10g}" if isinstance(x, float) else str(x) for x in row) + "\n")
         for handle in handles:

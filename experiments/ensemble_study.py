@@ -1,0 +1,201 @@
+"""Ensembles: the cost of K members in one program, and how well their spread flags errors.
+
+    python experiments/ensemble_study.py                 # everything (about 25 min on 2 CPU cores)
+    python experiments/ensemble_study.py --skip-train    # cost table and calibration of existing runs
+
+1. **Cost per step** on the default job's batches (batch 8, the default
+   model): one member, then K = 4 and 8 members in one jitted step with
+   ``lax.map`` and with ``vmap`` (median of 40 steps after warm-up, and the
+   first call, which compiles). Training K members one after another costs
+   K x one member's step and K compilations.
+2. **Cost end to end**: ``equijax train`` (the default job, 4000 steps) with
+   one member and with ``train.ensemble=4``, run one after the other in this
+   process's children; wall time from start to model file, compile included.
+3. **Calibration** of the 4-member committee: per-atom force spread against
+   the committee's actual per-atom force error, on held-out frames of the
+   training molecules (ethanol, aspirin: 500 K GFN2-xTB MD) and on a molecule
+   never seen in training (malonaldehyde, same reference and sampling):
+   Spearman correlation, RMS error per spread decile (plot), and the share
+   of the 10% largest errors whose spread is in the top 10%; then all test
+   atoms pooled, as a user screening new structures would meet them.
+
+Writes ``experiments/results/ensemble_study.json`` and ``ensemble_calibration.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from equijax import checkpoint, config as config_lib, data, ensemble, io, training
+from equijax.models import NequIPConfig, nequip
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+TEST_SETS = {"ethanol (held-out frames)": "equijax/data/ethanol_test.xyz",
+             "aspirin (held-out frames)": "equijax/data/aspirin_test.xyz",
+             "malonaldehyde (unseen molecule)": "equijax/data/malonaldehyde_test.xyz"}
+
+
+def default_model_and_batches(n_batches: int):
+    cfg = config_lib.load(None, [])
+    dc, mc = cfg["data"], cfg["model"]
+    structures = io.read_many(config_lib.data_paths(dc["train"]))
+    stats = data.statistics(structures, mc["cutoff"], None, config_lib.read_e0s(dc["e0s"]))
+    model_cfg = NequIPConfig.from_dict({**{k: v for k, v in mc.items() if v is not None}, "species": stats.species,
+                                        "energy_shift": stats.energy_shift, "energy_scale": stats.energy_scale,
+                                        "avg_num_neighbours": stats.avg_num_neighbours})
+    ds = data.Dataset(structures, model_cfg.cutoff, cfg["train"]["batch_size"], model_cfg.species)
+    batches = [jax.device_put(b) for _, b in zip(range(n_batches), ds.batches(shuffle=True, seed=0, drop_last=True))]
+    return nequip(model_cfg), batches, cfg["train"]
+
+
+def time_steps(members: int, strategy: str | None, n_steps: int = 40) -> dict:
+    """First call (compile) and median step time of one member (strategy None) or K members."""
+    model, batches, tc = default_model_and_batches(n_steps + 5)
+    opt = training.optimizer(tc["learning_rate"], tc["warmup_steps"], tc["max_steps"])
+    step = training.train_step(model.energy, opt)
+    states = [training.init_state(training.initial_params(model, jax.random.PRNGKey(k)), opt) for k in range(members)]
+    if strategy is None:
+        state, fn = states[0], jax.jit(step, donate_argnums=0)
+        call = lambda s, b: fn(s, b)  # noqa: E731
+    else:
+        state = ensemble.stack(states)
+        fn = jax.jit(training.ensemble_train_step(step, strategy), donate_argnums=0)
+        active = np.ones(members, bool)
+        call = lambda s, b: fn(s, b, active)  # noqa: E731
+    t = time.perf_counter()
+    state, m = call(state, batches[0])
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t
+    times = []
+    for b in batches[1:]:
+        t = time.perf_counter()
+        state, m = call(state, b)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    times = np.array(times[4:])  # after warm-up
+    return {"members": members, "strategy": strategy or "single", "first_call_s": first,
+            "median_step_ms": 1000 * float(np.median(times)), "iqr_ms": [1000 * float(np.percentile(times, 25)),
+                                                                       1000 * float(np.percentile(times, 75))]}
+
+
+def cost_table() -> list:
+    rows = [time_steps(1, None)]
+    for k in (4, 8):
+        for strategy in ("map", "vmap"):
+            rows.append(time_steps(k, strategy))
+    one = rows[0]["median_step_ms"]
+    for r in rows:
+        r["ratio_to_one_member"] = r["median_step_ms"] / one
+        r["sequential_ratio"] = r["members"]  # K single runs: K x the steps and K compilations
+        print(f"{r['strategy']:>6s} K={r['members']}: {r['median_step_ms']:7.1f} ms/step "
+              f"({r['ratio_to_one_member']:.2f}x one member; sequential {r['members']}x), "
+              f"first call {r['first_call_s']:.1f} s", flush=True)
+    return rows
+
+
+def train_runs(out: Path, members=(1, 4)) -> dict:
+    runs = {}
+    for k in members:
+        folder = out / f"ensemble{k}"
+        cmd = [sys.executable, "-m", "equijax.cli", "train", "--output", str(folder), "--restart", "--no-progress",
+               f"train.ensemble={k}"]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t
+        result = json.loads((folder / "result.json").read_text())
+        runs[k] = {"wall_s": wall, "folder": str(folder), "test": result.get("test"),
+                   "test_members": result.get("test_members")}
+        print(f"equijax train train.ensemble={k}: {wall:.0f} s wall; test force MAE "
+              f"{result['test']['forces_mae']:.1f} meV/Å (committee mean)", flush=True)
+    return runs
+
+
+def calibration(model_path: Path) -> dict:
+    model, params, _ = checkpoint.load_model(model_path)
+    cfg = model.config
+    out, pooled = {}, []
+    for name, path in TEST_SETS.items():
+        ds = data.Dataset(io.read(ROOT / path, species=cfg.species), cfg.cutoff, 16, cfg.species)
+        e = ensemble.errors(model, params, ds)
+        pooled.append(e)
+        cal = ensemble.calibration(e.force_spread, e.force_error)
+        cal["energy_spearman"] = ensemble.spearman(e.energy_spread, e.energy_error)
+        cal["force_mae_meV_A"] = 1000 * float(e.force_error.mean())  # per-atom |error| (vector norm)
+        cal["mean_spread_meV_A"] = 1000 * float(e.force_spread.mean())
+        out[name] = cal
+        print(f"{name}: Spearman {cal['spearman']:.2f} (energy {cal['energy_spearman']:.2f}); mean |F error| "
+              f"{cal['force_mae_meV_A']:.0f} meV/Å, mean spread {cal['mean_spread_meV_A']:.0f} meV/Å; "
+              f"top-10% spread catches {100 * cal['caught']:.0f}% of the top-10% errors", flush=True)
+    # all test atoms together, as a user screening new structures would see them: known and unseen molecules
+    spread, error = (np.concatenate([getattr(e, f) for e in pooled]) for f in ("force_spread", "force_error"))
+    cal = ensemble.calibration(spread, error)
+    unseen = np.concatenate([np.full(len(e.force_error), name.startswith("malonaldehyde"))
+                             for name, e in zip(TEST_SETS, pooled)])
+    cal["flagged_unseen"] = float(unseen[spread > cal["threshold"]].mean())
+    cal["unseen_share"] = float(unseen.mean())
+    out["all test atoms"] = cal
+    print(f"all test atoms: Spearman {cal['spearman']:.2f}; top-10% spread catches {100 * cal['caught']:.0f}% of "
+          f"the top-10% errors; {100 * cal['flagged_unseen']:.0f}% of the flagged atoms are malonaldehyde's "
+          f"({100 * cal['unseen_share']:.0f}% of all atoms)", flush=True)
+    return out
+
+
+def plot(cal: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    lo, hi = 1e9, 0
+    for name, c in cal.items():
+        if name == "all test atoms":
+            continue
+        x = [1000 * b["spread"] for b in c["bins"]]
+        y = [1000 * b["rms_error"] for b in c["bins"]]
+        ax.plot(x, y, "o-", label=f"{name}, ρ={c['spearman']:.2f}")
+        lo, hi = min(lo, *x, *y), max(hi, *x, *y)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="error = spread")
+    ax.set(xscale="log", yscale="log", xlabel="committee force spread, decile mean (meV/Å)",
+           ylabel="RMS force error in the decile (meV/Å)", title="4-member committee, per-atom forces")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", default=str(ROOT / "runs" / "ensemble_study"), help="folder for the training runs")
+    p.add_argument("--skip-train", action="store_true", help="reuse the runs in --runs")
+    p.add_argument("--skip-cost", action="store_true", help="no per-step cost table")
+    args = p.parse_args()
+    runs_dir = Path(args.runs)
+    result_path = RESULTS / "ensemble_study.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    result["machine"] = training.machine_info()
+    if not args.skip_cost:
+        result["cost_per_step"] = cost_table()
+    if not args.skip_train:
+        runs = train_runs(runs_dir)
+        runs["ratio_4_to_1"] = runs[4]["wall_s"] / runs[1]["wall_s"]
+        print(f"end to end: 4 members in one program cost {runs['ratio_4_to_1']:.2f}x one member "
+              f"(sequential: 4x)", flush=True)
+        result["end_to_end"] = runs
+    result["calibration"] = calibration(runs_dir / "ensemble4" / "model.npz")
+    plot(result["calibration"], RESULTS / "ensemble_calibration.png")
+    result_path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {result_path} and ensemble_calibration.png")
+
+
+if __name__ == "__main__":
+    main()
