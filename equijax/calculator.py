@@ -9,7 +9,7 @@ A committee model file (``equijax train train.ensemble=K``) gives the
 members' mean energy, forces and stress (the derivatives of the mean
 energy) and how much the members disagree: ``results["energy_std"]`` (eV,
 over members), ``results["forces_std"]`` ((N,) eV/Å per atom,
-:func:`equijax.ensemble.force_spread`) and ``results["energies"]`` ((K,)
+:func:`equijax.ensemble.force_spread`) and ``results["energy_members"]`` ((K,)
 eV, every member's energy).
 
 Each calculator pads its graphs to a grow-only capacity
@@ -99,7 +99,7 @@ class EquijaxCalculator(Calculator):
         self.results = {"energy": energy, "free_energy": energy, "forces": np.asarray(out.forces[:n], float)}
         if self._members is not None:
             energies = np.asarray(each.energy[:, 0], float)
-            self.results.update(energy_std=float(np.sqrt(ensemble.variance(energies))), energies=energies,
+            self.results.update(energy_std=float(np.sqrt(ensemble.variance(energies))), energy_members=energies,
                                 forces_std=np.asarray(ensemble.force_spread(each.forces[:, :n]), float))
         if self.atoms.pbc.all():
             self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(out.stress[0], float))

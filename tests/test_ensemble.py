@@ -68,8 +68,8 @@ def test_a_committee_is_the_mean_and_identical_members_have_no_spread(batches):
         single = atoms.copy()
         single.calc = EquijaxCalculator(model=committee.member, params=ensemble.member(params, k))
         members.append((single.get_potential_energy(), single.get_forces()))
-    np.testing.assert_allclose(r["energies"], [e for e, _ in members], rtol=1e-12)
-    np.testing.assert_allclose(r["energy"], np.mean(r["energies"]), rtol=1e-12)
+    np.testing.assert_allclose(r["energy_members"], [e for e, _ in members], rtol=1e-12)
+    np.testing.assert_allclose(r["energy"], np.mean(r["energy_members"]), rtol=1e-12)
     np.testing.assert_allclose(forces, np.mean([f for _, f in members], 0), atol=1e-12)
     spread = np.sqrt(((np.array([f for _, f in members]) - forces) ** 2).sum(-1).mean(0))
     np.testing.assert_allclose(r["forces_std"], spread, rtol=1e-9)
@@ -155,3 +155,28 @@ def test_md_stops_where_the_members_disagree(tmp_path):
         run(max_force_spread=threshold * 0.999, on_spread="warn")
     with pytest.raises(ValueError, match="committee"):
         md.simulate(model, params, atoms, steps=10, max_force_spread=1.0, progress=False)
+
+
+def test_committee_cli_reports_calibration_and_frequency_spread(tmp_path, capsys):
+    from equijax import checkpoint, cli
+
+    model, params, meta = equijax.load(DATA / "ethanol_md_model.npz")
+    other = dict(params, readout=jax.tree_util.tree_map(lambda x: x * 1.05, params["readout"]))
+    path = checkpoint.save_model(tmp_path / "committee.npz", model.config.replace(members=2).to_dict(),
+                                 ensemble.stack([params, other]))
+    frames = tmp_path / "frames.xyz"
+    ase.io.write(frames, ase.io.read(DATA / "ethanol_test.xyz", index=":12"))
+    cli.main(["evaluate", str(path), str(frames), "--output", str(tmp_path / "eval")])
+    out = capsys.readouterr().out
+    assert "committee of 2 members" in out and "Spearman" in out
+    assert (tmp_path / "eval" / "calibration.png").exists()
+    row = json.loads((tmp_path / "eval" / "metrics.json").read_text())[0]
+    assert -1 <= row["calibration"]["spearman"] <= 1 and row["mean_force_spread_meV_A"] > 0
+
+    cli.main(["vibrate", str(path), str(DATA / "ethanol_test.xyz"), "--relax", "--fmax", "0.05", "--output",
+              str(tmp_path / "vib")])
+    out = capsys.readouterr().out
+    assert "spread (std) of 2 committee members" in out
+    members = np.loadtxt(tmp_path / "vib" / "frequencies_members_cm.txt")
+    freqs = np.loadtxt(tmp_path / "vib" / "frequencies_cm.txt")
+    assert members.shape == (21, 2) and np.all(np.abs(members.mean(1) - freqs) < 0.2 * np.abs(freqs) + 20)
