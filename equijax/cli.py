@@ -498,7 +498,7 @@ def main(argv=None):
         if debug:
             raise
         user_error = isinstance(err, (UsageError, ValueError, FileNotFoundError, IsADirectoryError,
-                                      PermissionError, RuntimeError, TypeError))
+                                      PermissionError, RuntimeError, TypeError, MemoryError))
         message = " ".join(str(err).split()) or type(err).__name__
         if not user_error:
             message = f"{type(err).__name__}: {message} (an internal error: please report it; --debug shows more)"

@@ -113,13 +113,20 @@ def test_an_ensemble_run_resumes_exactly_and_its_members_differ(tmp_path):
                      **QUIET)
 
 
-def test_bad_ensemble_sizes_are_clear_errors(tmp_path):
+def test_bad_ensemble_sizes_are_clear_errors(tmp_path, capsys):
     with pytest.raises(config_lib.ConfigError, match="train.ensemble must be at least 1"):
         config_lib.load(None, ["train.ensemble=0"])
     with pytest.raises(MemoryError, match=r"train.ensemble=1000000000 needs .* use train.ensemble="):
         training.fit(tiny_config(None, ensemble=10**9), tmp_path / "huge", **QUIET)
     with pytest.raises(ValueError, match="at least one member"):
         ensemble.committee(equijax.nequip(equijax.NequIPConfig()), 0)
+    from equijax import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "train.ensemble=1000000000", "data.train=[data/ethanol_train.xyz]", "data.max_train=8",
+                  "--output", str(tmp_path / "cli")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "use train.ensemble=" in err
 
 
 def test_mode_matching_follows_eigenvectors_not_order():
