@@ -15,8 +15,9 @@ energy and every tool that takes ``(model, params)`` runs it unchanged::
     ensemble.force_spread(spread.forces)                   # (n_node,) eV/Å: how much the members disagree
 
 Training K members is :func:`over_members` of one training step: the same
-function mapped over stacked parameters, optimiser states and keys, in one
-compiled program (:mod:`equijax.training`). ``"vmap"`` evaluates the
+function mapped over stacked parameters, optimiser states and EMAs (each
+member initialised from its own key), in one compiled program
+(:mod:`equijax.training`). ``"vmap"`` evaluates the
 members side by side (``jax.vmap``: one wide program, what accelerators
 want); ``"map"`` evaluates them one after another inside the same program
 (``jax.lax.map``: same numbers, and on a 2-core CPU the faster one, because
