@@ -152,8 +152,9 @@ def _calibration_report(model, params, paths, sets, rows, out):
 
     k = ensemble.size(params)
     print(f"\ncommittee of {k} members: does the spread flag the errors? (per atom; per frame for energies)")
-    print(f"{'data':40s} {'mean spread':>12s} {'mean |ΔF|':>10s} {'Spearman':>9s} {'caught':>7s} {'E Spearman':>11s}")
-    print(f"{'':40s} {'meV/Å':>12s} {'meV/Å':>10s} {'F':>9s} {'top 10%':>7s} {'':>11s}")
+    print(f"{'data':40s} {'mean spread':>12s} {'mean |ΔF|':>10s} {'Spearman':>9s} {'caught':>7s} {'scale':>6s} "
+          f"{'E Spearman':>11s}")
+    print(f"{'':40s} {'meV/Å':>12s} {'meV/Å':>10s} {'F':>9s} {'top 10%':>7s} {'':>6s} {'':>11s}")
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     lo, hi = np.inf, 0.0
     for path, ds, row in zip(paths, sets, rows):
@@ -164,7 +165,7 @@ def _calibration_report(model, params, paths, sets, rows, out):
         row["calibration"] = cal
         row["mean_force_spread_meV_A"] = 1000 * float(e.force_spread.mean())
         print(f"{Path(path).name:40s} {row['mean_force_spread_meV_A']:12.1f} {1000 * e.force_error.mean():10.1f} "
-              f"{cal['spearman']:9.2f} {100 * cal['caught']:6.0f}% {cal['energy_spearman']:11.2f}")
+              f"{cal['spearman']:9.2f} {100 * cal['caught']:6.0f}% {cal['scale']:6.2f} {cal['energy_spearman']:11.2f}")
         x = [1000 * b["spread"] for b in cal["bins"]]
         y = [1000 * b["rms_error"] for b in cal["bins"]]
         ax.plot(x, y, "o-", label=f"{Path(path).stem} (ρ={cal['spearman']:.2f})")
@@ -176,7 +177,8 @@ def _calibration_report(model, params, paths, sets, rows, out):
     fig.tight_layout()
     fig.savefig(out / "calibration.png", dpi=120)
     plt.close(fig)
-    print("caught: share of the 10% largest per-atom force errors whose spread is in the top 10% (10% by chance)")
+    print("caught: share of the 10% largest per-atom force errors whose spread is in the top 10% (10% by chance); "
+          "scale: RMS error / RMS spread, the factor that makes the spread an error bar on these data")
 
 
 def _vibrate(args):

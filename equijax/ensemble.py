@@ -263,7 +263,9 @@ def calibration(spread, error, bins: int = 10, quantile: float = 0.9) -> dict:
         dict: ``spearman``; ``bins`` (mean spread and RMS error per bin);
         ``large_error`` and ``threshold`` (eV/Å); ``caught`` (fraction of
         large errors whose spread is above the threshold, 1 - quantile for a
-        spread that knows nothing).
+        spread that knows nothing); ``scale``, ``sqrt(mean(error²) /
+        mean(spread²))``: the factor that turns the spread into an RMS error
+        bar on these data (fit it on held-out data, apply it elsewhere).
     """
     spread, error = np.asarray(spread, float), np.asarray(error, float)
     order = np.argsort(spread)
@@ -278,4 +280,5 @@ def calibration(spread, error, bins: int = 10, quantile: float = 0.9) -> dict:
         "large_error": float(large), "threshold": float(threshold),
         "caught": float((spread[is_large] > threshold).mean()) if is_large.any() else float("nan"),
         "quantile": quantile, "n": int(len(error)),
+        "scale": float(np.sqrt((error**2).mean() / max((spread**2).mean(), 1e-300))),
     }

@@ -135,7 +135,8 @@ def calibration(model_path: Path) -> dict:
         out[name] = cal
         print(f"{name}: Spearman {cal['spearman']:.2f} (energy {cal['energy_spearman']:.2f}); mean |F error| "
               f"{cal['force_mae_meV_A']:.0f} meV/Å, mean spread {cal['mean_spread_meV_A']:.0f} meV/Å; "
-              f"top-10% spread catches {100 * cal['caught']:.0f}% of the top-10% errors", flush=True)
+              f"top-10% spread catches {100 * cal['caught']:.0f}% of the top-10% errors; "
+              f"RMS error / RMS spread {cal['scale']:.2f}", flush=True)
     # all test atoms together, as a user screening new structures would see them: known and unseen molecules
     spread, error = (np.concatenate([getattr(e, f) for e in pooled]) for f in ("force_spread", "force_error"))
     cal = ensemble.calibration(spread, error)
