@@ -39,13 +39,15 @@ def _train(args):
     from equijax import config as config_lib, training
 
     if args.distributed:
-        import jax
-
-        jax.distributed.initialize()  # reads the cluster from the environment (SLURM, Open MPI, ...)
+        training.init_distributed()  # JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID, or SLURM, ...
     config = config_lib.load(args.config, args.overrides)
     output = Path(args.output or config["output"] or "runs/default")
     result = training.fit(config, output, resume=not args.restart, progress=not args.no_progress,
                           accept_changes=args.accept_changes)
+    import jax
+
+    if jax.process_index() != 0:  # process 0 reports for the run
+        return
     print()
     print(f"trained {result['steps']} steps in {result['train_time_s']:.0f} s; model file {output}/model.npz")
     if "test" in result:
@@ -371,7 +373,9 @@ def parser() -> argparse.ArgumentParser:
                    help="resume even though the config differs from the checkpoint's (the new values apply)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     t.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host data parallel)")
+                   help="one of several processes (hosts, or processes of one host) training together: "
+                        "reads JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and "
+                        "JAX_PROCESS_ID, or detects SLURM/Open MPI; process 0 writes the files")
     t.set_defaults(func=_train)
     c = sub.add_parser("config", help="every config key with its type, default and unit; or check a config",
                        description="With no arguments: the schema of run configs. With a CONFIG and/or "

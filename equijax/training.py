@@ -9,9 +9,10 @@ numbers. Labels travel in the graph: ``globals["energy"]``,
 
 Data parallelism is plain JAX: parameters are replicated and the batch's
 shard axis is split over a ``jax.sharding.Mesh`` (:func:`data_mesh`); ``jit``
-partitions the computation. Over several hosts, call
-``jax.distributed.initialize()`` first (the ``equijax train --distributed``
-flag does); each host then feeds its own shards.
+partitions the computation. Over several processes (hosts, or processes of
+one host), call :func:`init_distributed` first (the ``equijax train
+--distributed`` flag does); each process then feeds its own shards, and only
+process 0 writes files.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def set_lr_factor(opt_state, factor):
 
 def lr_factor(opt_state):
     """The plateau factor: a float, or an array of one per member for ensemble states."""
-    x = np.asarray(jax.device_get(opt_state[2].hyperparams["step_size"]))
+    x = host(opt_state[2].hyperparams["step_size"])
     return float(x) if x.ndim == 0 else x
 
 
@@ -220,12 +221,13 @@ def metrics(sums: dict) -> dict:
 def evaluate(energy_fn, params, dataset, with_stress: bool = False, mesh: Mesh | None = None,
              dipole_fn=None) -> dict:
     """Metrics of ``params`` over a whole :class:`equijax.data.Dataset`."""
-    fn = jax.jit(evaluator(energy_fn, with_stress, dipole_fn))
+    out = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
+    fn = jax.jit(evaluator(energy_fn, with_stress, dipole_fn), **out)
     total = None
     for batch in dataset.batches():
         if mesh is not None:
             batch = shard(batch, mesh)
-        sums = jax.device_get(fn(params, batch))
+        sums = host(fn(params, batch))
         total = sums if total is None else jax.tree_util.tree_map(lambda a, b: a + b, total, sums)
     return metrics(total)
 
@@ -259,6 +261,51 @@ class Plateau:
 
 
 # ------------------------------------------------------------------ sharding
+
+
+def init_distributed() -> None:
+    """Start JAX's distributed runtime for a run of several processes.
+
+    Reads ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0),
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` when they are set (JAX
+    itself reads only the first); without them, JAX detects the cluster
+    (SLURM, Open MPI, ...). Cross-process collectives of CPU devices go
+    through gloo, so several processes of one machine train together too.
+
+    Raises:
+        ValueError: a malformed variable, or an incomplete cluster description.
+    """
+    import os
+
+    kwargs = {}
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = os.environ["JAX_COORDINATOR_ADDRESS"]
+    for name, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if os.environ.get(name):
+            try:
+                kwargs[key] = int(os.environ[name])
+            except ValueError:
+                raise ValueError(f"{name} must be an integer, got {os.environ[name]!r}") from None
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # affects CPU devices only
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as err:
+        raise ValueError(f"jax.distributed.initialize: {err} (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                         "JAX_PROCESS_ID, or run under SLURM)") from err
+
+
+def host(tree):
+    """Host (numpy) copies of replicated arrays, also in a run of several processes.
+
+    A replicated global array spans devices this process cannot read, but
+    every process holds all of it: its first local shard is the value.
+    """
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -356,6 +403,9 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
 
     config = config_lib.validate(config)
     output = Path(output)
+    lead = jax.process_index() == 0  # in a run of several processes, process 0 writes and reports
+    if not lead:
+        progress, log = False, (lambda *a, **k: None)
     output.mkdir(parents=True, exist_ok=True)
     dc, mc, tc = config["data"], config["model"], config["train"]
     ckpt_path = output / CHECKPOINT_NAME
@@ -441,52 +491,55 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     else:
         state = init_state(initial_params(model, jax.random.PRNGKey(tc["seed"])), opt)
     state = replicate(state, mesh)
+    replicated = NamedSharding(mesh, P())  # states and metrics: every process holds all of them
     single_step = train_step(model.energy, opt, weights, tc["ema_decay"], dipole_fn)
     single_eval = evaluator(model.energy, with_stress, dipole_fn)
     if ensemble_run:
         from equijax import ensemble
 
-        step_fn = _ensemble_step_fn(single_step, tc["ensemble_strategy"], n_members)
-        eval_fn = jax.jit(ensemble.over_members(single_eval, tc["ensemble_strategy"]))
+        step_fn = _ensemble_step_fn(single_step, tc["ensemble_strategy"], n_members, mesh)
+        eval_fn = jax.jit(ensemble.over_members(single_eval, tc["ensemble_strategy"]), out_shardings=replicated)
         stopped = [p.since_best >= p.stop_patience for p in plateaus]
         # every member's best EMA parameters so far: what model.npz holds
-        best = jax.device_get(state.ema_params)
+        best = host(state.ema_params)
         if resumed is not None and (output / MODEL_NAME).exists():
-            best = jax.device_get(checkpoint.load_model(output / MODEL_NAME).params)
+            best = host(checkpoint.load_model(output / MODEL_NAME).params)
     else:
-        step_fn = jax.jit(single_step, donate_argnums=0)
-        eval_fn = jax.jit(single_eval)
+        step_fn = jax.jit(single_step, donate_argnums=0, out_shardings=replicated)
+        eval_fn = jax.jit(single_eval, out_shardings=replicated)
     eval_every = tc["eval_every"]
 
     def validate(params):
         """Validation metrics: a dict, or for an ensemble a list of dicts (one per member)."""
         total = None
         for batch in valid_set.batches():
-            sums = jax.device_get(eval_fn(params, shard(batch, mesh)))
+            sums = host(eval_fn(params, shard(batch, mesh)))
             total = sums if total is None else jax.tree_util.tree_map(lambda a, b: a + b, total, sums)
         if not ensemble_run:
             return metrics(total)
         return [metrics(jax.tree_util.tree_map(lambda x: x[k], total)) for k in range(n_members)]
 
     def save():
-        checkpoint.save(ckpt_path, config=saved_cfg, params=state.params, ema_params=state.ema_params,
-                        opt_state=jax.tree_util.tree_leaves(state.opt_state), step=state.step,
-                        plateau=[p.state_dict() for p in plateaus] if ensemble_run else plateaus[0].state_dict(),
-                        run_config=config)
+        if lead:  # one writer; the state is replicated, so process 0 holds all of it
+            checkpoint.save(ckpt_path, config=saved_cfg, params=host(state.params), ema_params=host(state.ema_params),
+                            opt_state=host(jax.tree_util.tree_leaves(state.opt_state)), step=host(state.step),
+                            plateau=[p.state_dict() for p in plateaus] if ensemble_run else plateaus[0].state_dict(),
+                            run_config=config)
 
     def export(valid_metrics):
-        params = best if ensemble_run else state.ema_params
-        checkpoint.save_model(output / MODEL_NAME, saved_cfg, params, step=int(np.max(jax.device_get(state.step))),
-                              valid=valid_metrics, run_config=config)
+        if lead:
+            params = best if ensemble_run else host(state.ema_params)
+            checkpoint.save_model(output / MODEL_NAME, saved_cfg, params, step=int(np.max(host(state.step))),
+                                  valid=valid_metrics, run_config=config)
 
     metrics_path = output / "metrics.jsonl"
-    step = int(np.max(jax.device_get(state.step)))
-    if resumed is None and metrics_path.exists():
+    step = int(np.max(host(state.step)))
+    if lead and resumed is None and metrics_path.exists():
         metrics_path.unlink()
-    elif metrics_path.exists():  # lines written after the checkpoint will be written again
+    elif lead and metrics_path.exists():  # lines written after the checkpoint will be written again
         kept = [l for l in metrics_path.read_text().splitlines(True) if json.loads(l)["step"] <= step]
         metrics_path.write_text("".join(kept))
-    for stale in output.glob("*.tmp"):  # left by a kill in the middle of a write
+    for stale in output.glob("*.tmp") if lead else ():  # left by a kill in the middle of a write
         stale.unlink()
     t0 = time.time()
     bar = tqdm(total=max_steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True,
@@ -504,7 +557,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                 state, m = step_fn(state, shard(batch, mesh))
             step += 1
             if step % 10 == 0 or step == max_steps:
-                m = jax.device_get(m)
+                m = host(m)
                 bar.set_postfix(loss=f"{float(np.mean(m['loss'])):.4f}",
                                 F_rmse=f"{1000 * float(np.mean(m['forces_rmse'])):.0f} meV/Å",
                                 lr=f"{float(np.mean(lr_factor(state.opt_state))):.2g}×")
@@ -522,7 +575,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                             continue
                         factors[k], better, stopped[k] = p.update(vk["forces_rmse"] + vk["energy_rmse"], factors[k])
                         if better:
-                            ema_now = jax.device_get(state.ema_params) if ema_now is None else ema_now
+                            ema_now = host(state.ema_params) if ema_now is None else ema_now
                             best = jax.tree_util.tree_map(lambda b, e: _set_row(b, k, e[k]), best, ema_now)
                             improved = True
                     stop = all(stopped)
@@ -538,12 +591,14 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                         state = state._replace(opt_state=set_lr_factor(state.opt_state, factor))
                     extra = {}
                 record = {"step": step, "epoch": step / steps_per_epoch, "time_s": time.time() - t0,
-                          "train_loss": float(np.mean(jax.device_get(m["loss"]))),
+                          "train_loss": float(np.mean(host(m["loss"]))),
                           **{f"valid_{k}": x for k, x in v.items()}, **extra}
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.write(f"step {step:6d}  valid{' (mean of members)' if ensemble_run else ''}: "
-                          f"E MAE {v['energy_mae']:.2f} meV/atom, F MAE {v['forces_mae']:.1f} meV/Å")
+                if lead:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if lead:
+                    bar.write(f"step {step:6d}  valid{' (mean of members)' if ensemble_run else ''}: "
+                              f"E MAE {v['energy_mae']:.2f} meV/atom, F MAE {v['forces_mae']:.1f} meV/Å")
                 if improved:
                     export(members if ensemble_run else v)
                 save()
@@ -554,10 +609,16 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         log(f"early stopping at step {step}: no validation improvement for {plateaus[0].stop_patience} evaluations"
             + (" (every member)" if ensemble_run else ""))
 
-    plot_learning_curve(metrics_path, output / "learning_curve.png")
+    if lead:
+        plot_learning_curve(metrics_path, output / "learning_curve.png")
     result = {"steps": step, "train_time_s": time.time() - t0, "output": str(output), "machine": machine_info()}
     if dc["test"]:
-        best_model, best_params, _ = checkpoint.load_model(output / MODEL_NAME)
+        if jax.process_count() > 1:  # every process reads the model file process 0 wrote
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("equijax: model file written")
+        best_model, local_params, _ = checkpoint.load_model(output / MODEL_NAME)
+        best_params = replicate(local_params, mesh)
         test = io.read_many(config_lib.data_paths(dc["test"]), species=model_cfg.species)
         test_set = data_lib.Dataset(test, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
         result["test"] = evaluate(best_model.energy, best_params, test_set, with_stress, mesh,
@@ -570,9 +631,10 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
 
             result["test_members"] = [evaluate(best_model.member.energy, ensemble.member(best_params, k), test_set,
                                                with_stress, mesh) for k in range(n_members)]
-            result["test_calibration"] = ensemble.force_calibration(best_model, best_params, test_set)
-    with open(output / "result.json", "w") as f:
-        json.dump(result, f, indent=1)
+            result["test_calibration"] = ensemble.force_calibration(best_model, local_params, test_set)
+    if lead:
+        with open(output / "result.json", "w") as f:
+            json.dump(result, f, indent=1)
     return result
 
 
@@ -596,11 +658,12 @@ def _check_ensemble_fits(model, n_members: int) -> None:
                           f"train.ensemble={max(int(room // (6 * per_member)), 1)} or fewer")
 
 
-def _ensemble_step_fn(single_step, strategy: str, n_members: int):
+def _ensemble_step_fn(single_step, strategy: str, n_members: int, mesh: Mesh):
     """The jitted K-member step, compiled at its first call and checked against the memory there is."""
     from equijax import ensemble
 
-    jitted = jax.jit(ensemble_train_step(single_step, strategy), donate_argnums=0)
+    jitted = jax.jit(ensemble_train_step(single_step, strategy), donate_argnums=0,
+                     out_shardings=NamedSharding(mesh, P()))
     compiled = []
 
     def fn(states, batch, active):

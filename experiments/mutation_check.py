@@ -123,6 +123,18 @@ MUTATIONS = {
         "        if False:  # BUG: a resume forgets the best parameters found before the kill",
         ["tests/test_ensemble.py::test_an_ensemble_run_resumes_exactly_and_its_members_differ"],
     ),
+    "every_process_writes_checkpoints": (
+        "equijax/training.py",
+        "        if lead:  # one writer; the state is replicated, so process 0 holds all of it",
+        "        if True:  # BUG: every process writes the checkpoint",
+        ["tests/test_distributed.py::test_two_processes_train_as_one_and_resume_across_processes"],
+    ),
+    "distributed_env_ignored": (
+        "equijax/training.py",
+        '    for name, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):',
+        '    for name, key in ():  # BUG: only JAX reads the environment (the README launch fails)',
+        ["tests/test_distributed.py::test_two_processes_train_as_one_and_resume_across_processes"],
+    ),
 }
 
 

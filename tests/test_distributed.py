@@ -1,0 +1,94 @@
+"""Several processes train as one: ``equijax train --distributed``, launched as the README says.
+
+Contract: two processes on this machine (one CPU device each, JAX's
+distributed runtime with a local coordinator, gloo collectives) give the
+losses and parameters of one process with two devices on the same global
+batches; only process 0 writes files; a run killed in both processes
+resumes from the checkpoint across processes and ends where the
+uninterrupted run ends.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+
+from equijax import checkpoint
+
+OVERRIDES = ["data.train=[data/ethanol_train.xyz]", "data.test=null", "data.max_train=16", "data.valid_fraction=0.2",
+             "model.channels=4", "model.n_layers=1", "model.radial_hidden=[8]", "train.batch_size=4",
+             "train.max_steps=10", "train.eval_every=4", "train.warmup_steps=2"]
+
+# stage 1: the API in both processes, killed at step 6 (last checkpoint: step 4); counts who wrote what
+KILLED = textwrap.dedent("""
+    import json, sys
+    from equijax import checkpoint, config, training
+    training.init_distributed()
+    import jax
+    writes = []
+    real = checkpoint._write
+    checkpoint._write = lambda path, kind, content: writes.append(kind) or real(path, kind, content)
+    class Killed(Exception):
+        pass
+    def kill(step, state):
+        if step == 6:
+            raise Killed
+    try:
+        training.fit(config.load(None, sys.argv[2:]), sys.argv[1], progress=False, callback=kill)
+    except Killed:
+        print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "writes": writes}))
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(command, tmp_path):
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu")
+        procs.append(subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outs]
+
+
+def test_two_processes_train_as_one_and_resume_across_processes(tmp_path):
+    run = str(tmp_path / "two")
+    outs = _two_processes([sys.executable, "-c", KILLED, run, *OVERRIDES], tmp_path)
+    reports = sorted((json.loads(o.strip().splitlines()[-1]) for o in outs), key=lambda r: r["process"])
+    assert [r["devices"] for r in reports] == [2, 2]
+    assert reports[1]["writes"] == [] and "equijax-checkpoint" in reports[0]["writes"]  # process 0 writes
+    assert int(checkpoint.load(tmp_path / "two" / "checkpoint.npz")["step"]) == 4
+
+    # stage 2: the README's launch, resuming from the checkpoint of stage 1
+    _two_processes([sys.executable, "-m", "equijax.cli", "train", "--distributed", "--no-progress", "--output", run,
+                    *OVERRIDES], tmp_path)
+    # the same global batches on one process with two devices, uninterrupted
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "equijax.cli", "train", "--no-progress", "--output",
+                           str(tmp_path / "one"), *OVERRIDES], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    a, b = checkpoint.load(tmp_path / "two" / "checkpoint.npz"), checkpoint.load(tmp_path / "one" / "checkpoint.npz")
+    assert int(a["step"]) == int(b["step"]) == 10
+    for x, y in zip(jax.tree_util.tree_leaves(a["params"]), jax.tree_util.tree_leaves(b["params"])):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    losses = [[json.loads(line)["train_loss"] for line in open(tmp_path / run / "metrics.jsonl")]
+              for run in ("two", "one")]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+    assert not list((tmp_path / "two").glob("*.tmp"))
