@@ -54,7 +54,7 @@ def test_an_ensemble_step_equals_single_steps_and_freezes_stopped_members(batche
     assert int(stacked.step[1]) == 0 and int(stacked.step[0]) == len(bs)
 
 
-def test_a_committee_is_the_mean_and_identical_members_have_no_spread(batches):
+def test_a_committee_is_the_mean_and_identical_members_have_no_spread(batches, tmp_path):
     cfg, _ = batches
     committee = equijax.nequip(cfg.replace(members=3))
     params = committee.init(jax.random.PRNGKey(0))
@@ -78,6 +78,9 @@ def test_a_committee_is_the_mean_and_identical_members_have_no_spread(batches):
     graph = equijax.build_graph([atoms], cfg.cutoff, species=cfg.species, dtype=np.float64)
     efs = physics.energy_forces_stress(committee.energy)(params, graph)
     np.testing.assert_allclose(efs.forces[: len(atoms)], forces, atol=1e-12)
+
+    ase.io.write(tmp_path / "with_spread.extxyz", atoms)  # the extra results are valid for ASE's writers
+    assert ase.io.read(tmp_path / "with_spread.extxyz").get_potential_energy() == pytest.approx(r["energy"])
 
     atoms.calc = EquijaxCalculator(model=committee, params=ensemble.stack([ensemble.member(params, 0)] * 3))
     np.testing.assert_allclose(atoms.get_forces(), members[0][1], atol=1e-12)
@@ -164,13 +167,13 @@ def test_md_stops_where_the_members_disagree(tmp_path):
         md.simulate(model, params, atoms, steps=10, max_force_spread=1.0, progress=False)
 
 
-def test_committee_cli_reports_calibration_and_frequency_spread(tmp_path, capsys):
+def test_committee_cli_reports_calibration_and_frequency_spread(batches, tmp_path, capsys):
     from equijax import checkpoint, cli
 
-    model, params, meta = equijax.load(DATA / "ethanol_md_model.npz")
-    other = dict(params, readout=jax.tree_util.tree_map(lambda x: x * 1.05, params["readout"]))
-    path = checkpoint.save_model(tmp_path / "committee.npz", model.config.replace(members=2).to_dict(),
-                                 ensemble.stack([params, other]))
+    cfg, _ = batches  # a tiny committee: the CLI paths matter here, not the numbers
+    cfg = cfg.replace(members=2, dtype="float32")
+    path = checkpoint.save_model(tmp_path / "committee.npz", cfg.to_dict(),
+                                 equijax.nequip(cfg).init(jax.random.PRNGKey(0)))
     frames = tmp_path / "frames.xyz"
     ase.io.write(frames, ase.io.read(DATA / "ethanol_test.xyz", index=":12"))
     cli.main(["evaluate", str(path), str(frames), "--output", str(tmp_path / "eval")])
@@ -180,10 +183,10 @@ def test_committee_cli_reports_calibration_and_frequency_spread(tmp_path, capsys
     row = json.loads((tmp_path / "eval" / "metrics.json").read_text())[0]
     assert -1 <= row["calibration"]["spearman"] <= 1 and row["mean_force_spread_meV_A"] > 0
 
-    cli.main(["vibrate", str(path), str(DATA / "ethanol_test.xyz"), "--relax", "--fmax", "0.05", "--output",
-              str(tmp_path / "vib")])
+    cli.main(["vibrate", str(path), str(DATA / "ethanol_test.xyz"), "--output", str(tmp_path / "vib")])
     out = capsys.readouterr().out
     assert "spread (std) of 2 committee members" in out
     members = np.loadtxt(tmp_path / "vib" / "frequencies_members_cm.txt")
     freqs = np.loadtxt(tmp_path / "vib" / "frequencies_cm.txt")
-    assert members.shape == (21, 2) and np.all(np.abs(members.mean(1) - freqs) < 0.2 * np.abs(freqs) + 20)
+    assert members.shape == (21, 2) and np.all(np.std(members, 1) > 0)
+    assert np.median(np.abs(members.mean(1) - freqs) / (np.abs(freqs) + 50)) < 0.5  # paired with the right modes
