@@ -144,12 +144,6 @@ def _evaluate(args):
 
 def _calibration_report(model, params, paths, sets, rows, out):
     """A committee's spread against its actual errors, per data file (printed, stored, plotted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     from equijax import ensemble
 
     k = ensemble.size(params)
@@ -157,28 +151,12 @@ def _calibration_report(model, params, paths, sets, rows, out):
     print(f"{'data':40s} {'mean spread':>12s} {'mean |ΔF|':>10s} {'Spearman':>9s} {'caught':>7s} {'scale':>6s} "
           f"{'E Spearman':>11s}")
     print(f"{'':40s} {'meV/Å':>12s} {'meV/Å':>10s} {'F':>9s} {'top 10%':>7s} {'':>6s} {'':>11s}")
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    lo, hi = np.inf, 0.0
     for path, ds, row in zip(paths, sets, rows):
-        e = ensemble.errors(model, params, ds)
-        cal = ensemble.calibration(e.force_spread, e.force_error)
-        cal["energy_spearman"] = ensemble.spearman(e.energy_spread, e.energy_error) if len(e.energy_error) > 2 \
-            else float("nan")
-        row["calibration"] = cal
-        row["mean_force_spread_meV_A"] = 1000 * float(e.force_spread.mean())
-        print(f"{Path(path).name:40s} {row['mean_force_spread_meV_A']:12.1f} {1000 * e.force_error.mean():10.1f} "
+        cal = row["calibration"] = ensemble.force_calibration(model, params, ds)
+        print(f"{Path(path).name:40s} {cal['mean_force_spread_meV_A']:12.1f} {cal['mean_force_error_meV_A']:10.1f} "
               f"{cal['spearman']:9.2f} {100 * cal['caught']:6.0f}% {cal['scale']:6.2f} {cal['energy_spearman']:11.2f}")
-        x = [1000 * b["spread"] for b in cal["bins"]]
-        y = [1000 * b["rms_error"] for b in cal["bins"]]
-        ax.plot(x, y, "o-", label=f"{Path(path).stem} (ρ={cal['spearman']:.2f})")
-        lo, hi = min(lo, *x, *y), max(hi, *x, *y)
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="error = spread")
-    ax.set(xscale="log", yscale="log", xlabel="force spread of the members, decile mean (meV/Å)",
-           ylabel="RMS force error in the decile (meV/Å)", title=f"calibration, {k} members")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "calibration.png", dpi=120)
-    plt.close(fig)
+    ensemble.plot_calibration({Path(r["data"]).stem: r["calibration"] for r in rows}, out / "calibration.png",
+                              f"calibration, {k} members")
     print("caught: share of the 10% largest per-atom force errors whose spread is in the top 10% (10% by chance); "
           "scale: RMS error / RMS spread, the factor that makes the spread an error bar on these data")
 

@@ -28,6 +28,7 @@ picks ``map`` on CPU and ``vmap`` on GPU/TPU.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -175,7 +176,7 @@ class Errors(NamedTuple):
 
 def errors(model, params, dataset, strategy: str = "auto") -> Errors:
     """:class:`Errors` of a committee over every structure of an :class:`equijax.data.Dataset`."""
-    fn = jax.jit(jax.vmap(lambda p, g: predict(model, p, g, strategy), in_axes=(None, 0)))
+    fn = _predict_shards(model, strategy)
     out = {name: [] for name in Errors._fields}
     for batch in dataset.batches():
         pred = jax.device_get(fn(params, batch))
@@ -192,10 +193,51 @@ def errors(model, params, dataset, strategy: str = "auto") -> Errors:
     return Errors(*(np.concatenate(out[name]).astype(float) for name in Errors._fields))
 
 
+@functools.lru_cache(maxsize=8)
+def _predict_shards(model, strategy: str):
+    """Jitted :func:`predict` over the shard axis of stacked batches, compiled once per model."""
+    return jax.jit(jax.vmap(lambda p, g: predict(model, p, g, strategy), in_axes=(None, 0)))
+
+
+def summary(e: Errors) -> dict:
+    """:func:`calibration` of the force spreads, plus the energies' Spearman ρ and the
+    mean per-atom force spread and error (meV/Å)."""
+    out = calibration(e.force_spread, e.force_error)
+    out["energy_spearman"] = spearman(e.energy_spread, e.energy_error) if len(e.energy_error) > 2 else float("nan")
+    out["mean_force_spread_meV_A"] = 1000 * float(e.force_spread.mean())
+    out["mean_force_error_meV_A"] = 1000 * float(e.force_error.mean())
+    return out
+
+
 def force_calibration(model, params, dataset, strategy: str = "auto") -> dict:
-    """:func:`calibration` of per-atom force spreads against force errors on ``dataset``."""
-    e = errors(model, params, dataset, strategy)
-    return calibration(e.force_spread, e.force_error)
+    """:func:`summary` of a committee's :func:`errors` on ``dataset``."""
+    return summary(errors(model, params, dataset, strategy))
+
+
+def plot_calibration(calibrations: dict, path, title: str = "calibration") -> None:
+    """RMS force error against mean spread per spread decile, one line per data set (PNG).
+
+    ``calibrations``: ``{label: calibration dict}`` (:func:`calibration`).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    lo, hi = np.inf, 0.0
+    for label, cal in calibrations.items():
+        x = [1000 * b["spread"] for b in cal["bins"]]
+        y = [1000 * b["rms_error"] for b in cal["bins"]]
+        ax.plot(x, y, "o-", label=f"{label}, ρ={cal['spearman']:.2f}")
+        lo, hi = min(lo, *x, *y), max(hi, *x, *y)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="error = spread")
+    ax.set(xscale="log", yscale="log", xlabel="force spread of the members, decile mean (meV/Å)",
+           ylabel="RMS force error in the decile (meV/Å)", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def memory_needed(compiled) -> int | None:

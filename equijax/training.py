@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from equijax import physics
+from equijax import ensemble, physics
 
 
 class LossWeights(NamedTuple):
@@ -190,8 +190,6 @@ def ensemble_train_step(step, strategy: str = "auto"):
     (their state comes back unchanged). Metrics have a leading K axis.
     ``strategy``: :func:`equijax.ensemble.over_members`.
     """
-    from equijax import ensemble
-
     def one(member, batch):
         state, active = member
         new, metrics = step(state, batch)
@@ -484,8 +482,6 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         for p, d in zip(plateaus, saved):
             p.load_state_dict(d)
     elif ensemble_run:
-        from equijax import ensemble
-
         state = ensemble.stack([init_state(initial_params(model, jax.random.PRNGKey(tc["seed"] + k)), opt)
                                 for k in range(n_members)])
     else:
@@ -495,11 +491,10 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     single_step = train_step(model.energy, opt, weights, tc["ema_decay"], dipole_fn)
     single_eval = evaluator(model.energy, with_stress, dipole_fn)
     if ensemble_run:
-        from equijax import ensemble
-
         step_fn = _ensemble_step_fn(single_step, tc["ensemble_strategy"], n_members, mesh)
         eval_fn = jax.jit(ensemble.over_members(single_eval, tc["ensemble_strategy"]), out_shardings=replicated)
         stopped = [p.since_best >= p.stop_patience for p in plateaus]
+        active = jax.device_put(np.logical_not(stopped), replicated)  # moved again only when a member stops
         # every member's best EMA parameters so far: what model.npz holds
         best = host(state.ema_params)
         if resumed is not None and (output / MODEL_NAME).exists():
@@ -509,10 +504,10 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         eval_fn = jax.jit(single_eval, out_shardings=replicated)
     eval_every = tc["eval_every"]
 
-    def validate(params):
-        """Validation metrics: a dict, or for an ensemble a list of dicts (one per member)."""
+    def validate(params, dataset=valid_set):
+        """Metrics (validation by default): a dict, or for an ensemble a list of dicts (one per member)."""
         total = None
-        for batch in valid_set.batches():
+        for batch in dataset.batches():
             sums = host(eval_fn(params, shard(batch, mesh)))
             total = sums if total is None else jax.tree_util.tree_map(lambda a, b: a + b, total, sums)
         if not ensemble_run:
@@ -552,7 +547,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
             if k < skip:
                 continue
             if ensemble_run:
-                state, m = step_fn(state, shard(batch, mesh), np.logical_not(stopped))
+                state, m = step_fn(state, shard(batch, mesh), active)
             else:
                 state, m = step_fn(state, shard(batch, mesh))
             step += 1
@@ -579,6 +574,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                             best = jax.tree_util.tree_map(lambda b, e: _set_row(b, k, e[k]), best, ema_now)
                             improved = True
                     stop = all(stopped)
+                    active = jax.device_put(np.logical_not(stopped), replicated)
                     if tc["schedule"] == "plateau":
                         state = state._replace(opt_state=set_lr_factor(state.opt_state, factors))
                     v = {key: float(np.mean([vk[key] for vk in members])) for key in members[0]}
@@ -596,7 +592,6 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                 if lead:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
-                if lead:
                     bar.write(f"step {step:6d}  valid{' (mean of members)' if ensemble_run else ''}: "
                               f"E MAE {v['energy_mae']:.2f} meV/atom, F MAE {v['forces_mae']:.1f} meV/Å")
                 if improved:
@@ -626,11 +621,8 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         forces = np.concatenate([s.labels["forces"].ravel() for s in test])
         result["test"]["zero_force_mae"] = 1000 * float(np.abs(forces).mean())
         result["n_test"] = len(test)
-        if ensemble_run:
-            from equijax import ensemble
-
-            result["test_members"] = [evaluate(best_model.member.energy, ensemble.member(best_params, k), test_set,
-                                               with_stress, mesh) for k in range(n_members)]
+        if ensemble_run:  # every member in one mapped pass of the compiled evaluator
+            result["test_members"] = validate(best_params, test_set)
             result["test_calibration"] = ensemble.force_calibration(best_model, local_params, test_set)
     if lead:
         with open(output / "result.json", "w") as f:
@@ -646,8 +638,6 @@ def _set_row(stacked, k, value):
 
 def _check_ensemble_fits(model, n_members: int) -> None:
     """Refuse an ensemble whose training state alone cannot fit in memory, before allocating it."""
-    from equijax import ensemble
-
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     per_member = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
     need = 6 * per_member * n_members  # params, EMA, two Adam moments, gradients, updates
@@ -660,8 +650,6 @@ def _check_ensemble_fits(model, n_members: int) -> None:
 
 def _ensemble_step_fn(single_step, strategy: str, n_members: int, mesh: Mesh):
     """The jitted K-member step, compiled at its first call and checked against the memory there is."""
-    from equijax import ensemble
-
     jitted = jax.jit(ensemble_train_step(single_step, strategy), donate_argnums=0,
                      out_shardings=NamedSharding(mesh, P()))
     compiled = []

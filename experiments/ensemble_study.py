@@ -128,13 +128,9 @@ def calibration(model_path: Path) -> dict:
         ds = data.Dataset(io.read(ROOT / path, species=cfg.species), cfg.cutoff, 16, cfg.species)
         e = ensemble.errors(model, params, ds)
         pooled.append(e)
-        cal = ensemble.calibration(e.force_spread, e.force_error)
-        cal["energy_spearman"] = ensemble.spearman(e.energy_spread, e.energy_error)
-        cal["force_mae_meV_A"] = 1000 * float(e.force_error.mean())  # per-atom |error| (vector norm)
-        cal["mean_spread_meV_A"] = 1000 * float(e.force_spread.mean())
-        out[name] = cal
+        cal = out[name] = ensemble.summary(e)
         print(f"{name}: Spearman {cal['spearman']:.2f} (energy {cal['energy_spearman']:.2f}); mean |F error| "
-              f"{cal['force_mae_meV_A']:.0f} meV/Å, mean spread {cal['mean_spread_meV_A']:.0f} meV/Å; "
+              f"{cal['mean_force_error_meV_A']:.0f} meV/Å, mean spread {cal['mean_force_spread_meV_A']:.0f} meV/Å; "
               f"top-10% spread catches {100 * cal['caught']:.0f}% of the top-10% errors; "
               f"RMS error / RMS spread {cal['scale']:.2f}", flush=True)
     # all test atoms together, as a user screening new structures would see them: known and unseen molecules
@@ -149,30 +145,6 @@ def calibration(model_path: Path) -> dict:
           f"the top-10% errors; {100 * cal['flagged_unseen']:.0f}% of the flagged atoms are malonaldehyde's "
           f"({100 * cal['unseen_share']:.0f}% of all atoms)", flush=True)
     return out
-
-
-def plot(cal: dict, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    lo, hi = 1e9, 0
-    for name, c in cal.items():
-        if name == "all test atoms":
-            continue
-        x = [1000 * b["spread"] for b in c["bins"]]
-        y = [1000 * b["rms_error"] for b in c["bins"]]
-        ax.plot(x, y, "o-", label=f"{name}, ρ={c['spearman']:.2f}")
-        lo, hi = min(lo, *x, *y), max(hi, *x, *y)
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="error = spread")
-    ax.set(xscale="log", yscale="log", xlabel="committee force spread, decile mean (meV/Å)",
-           ylabel="RMS force error in the decile (meV/Å)", title="4-member committee, per-atom forces")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 def main():
@@ -196,7 +168,8 @@ def main():
               f"(sequential: 4x)", flush=True)
         result["end_to_end_repeat" if args.repeat else "end_to_end"] = runs
     result["calibration"] = calibration(runs_dir / "ensemble4" / "model.npz")
-    plot(result["calibration"], RESULTS / "ensemble_calibration.png")
+    ensemble.plot_calibration({k: v for k, v in result["calibration"].items() if k != "all test atoms"},
+                              RESULTS / "ensemble_calibration.png", "4-member committee, per-atom forces")
     result_path.write_text(json.dumps(result, indent=1))
     print(f"wrote {result_path} and ensemble_calibration.png")
 

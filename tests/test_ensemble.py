@@ -181,7 +181,7 @@ def test_committee_cli_reports_calibration_and_frequency_spread(batches, tmp_pat
     assert "committee of 2 members" in out and "Spearman" in out
     assert (tmp_path / "eval" / "calibration.png").exists()
     row = json.loads((tmp_path / "eval" / "metrics.json").read_text())[0]
-    assert -1 <= row["calibration"]["spearman"] <= 1 and row["mean_force_spread_meV_A"] > 0
+    assert -1 <= row["calibration"]["spearman"] <= 1 and row["calibration"]["mean_force_spread_meV_A"] > 0
 
     cli.main(["vibrate", str(path), str(DATA / "ethanol_test.xyz"), "--output", str(tmp_path / "vib")])
     out = capsys.readouterr().out
