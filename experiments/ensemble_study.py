@@ -45,8 +45,8 @@ TEST_SETS = {"ethanol (held-out frames)": "equijax/data/ethanol_test.xyz",
              "malonaldehyde (unseen molecule)": "equijax/data/malonaldehyde_test.xyz"}
 
 
-def default_model_and_batches(n_batches: int):
-    cfg = config_lib.load(None, [])
+def default_model_and_batches(n_batches: int, overrides=()):
+    cfg = config_lib.load(None, list(overrides))
     dc, mc = cfg["data"], cfg["model"]
     structures = io.read_many(config_lib.data_paths(dc["train"]))
     stats = data.statistics(structures, mc["cutoff"], None, config_lib.read_e0s(dc["e0s"]))
@@ -58,9 +58,9 @@ def default_model_and_batches(n_batches: int):
     return nequip(model_cfg), batches, cfg["train"]
 
 
-def time_steps(members: int, strategy: str | None, n_steps: int = 40) -> dict:
+def time_steps(members: int, strategy: str | None, n_steps: int = 40, overrides=()) -> dict:
     """First call (compile) and median step time of one member (strategy None) or K members."""
-    model, batches, tc = default_model_and_batches(n_steps + 5)
+    model, batches, tc = default_model_and_batches(n_steps + 5, overrides)
     opt = training.optimizer(tc["learning_rate"], tc["warmup_steps"], tc["max_steps"])
     step = training.train_step(model.energy, opt)
     states = [training.init_state(training.initial_params(model, jax.random.PRNGKey(k)), opt) for k in range(members)]
@@ -103,6 +103,23 @@ def cost_table() -> list:
     return rows
 
 
+def channel_scaling() -> list:
+    """One member's step with 16 and 64 channels: is the model compute-bound on this machine?"""
+    rows = []
+    for channels in (16, 64):
+        r = time_steps(1, None, overrides=[f"model.channels={channels}"])
+        rows.append({"channels": channels, "median_step_ms": r["median_step_ms"]})
+        print(f"one member, {channels} channels: {r['median_step_ms']:.1f} ms/step", flush=True)
+    return rows
+
+
+def loop_step_ms(folder: Path) -> float:
+    """Median wall time per step inside the fit loop, from the run's metrics.jsonl (evaluations included)."""
+    rows = [json.loads(line) for line in open(folder / "metrics.jsonl")]
+    times, steps = np.array([r["time_s"] for r in rows]), np.array([r["step"] for r in rows])
+    return 1000 * float(np.median(np.diff(times) / np.diff(steps)))
+
+
 def train_runs(out: Path, members=(1, 4)) -> dict:
     runs = {}
     for k in members:
@@ -113,8 +130,8 @@ def train_runs(out: Path, members=(1, 4)) -> dict:
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t
         result = json.loads((folder / "result.json").read_text())
-        runs[k] = {"wall_s": wall, "folder": str(folder), "test": result.get("test"),
-                   "test_members": result.get("test_members")}
+        runs[k] = {"wall_s": wall, "folder": str(folder), "loop_ms_per_step": loop_step_ms(folder),
+                   "test": result.get("test"), "test_members": result.get("test_members")}
         print(f"equijax train train.ensemble={k}: {wall:.0f} s wall; test force MAE "
               f"{result['test']['forces_mae']:.1f} meV/Å (committee mean)", flush=True)
     return runs
@@ -153,13 +170,23 @@ def main():
     p.add_argument("--skip-train", action="store_true", help="reuse the runs in --runs")
     p.add_argument("--skip-cost", action="store_true", help="no per-step cost table")
     p.add_argument("--repeat", action="store_true", help="the end-to-end pair again, ensemble first")
+    p.add_argument("--channel-scaling", action="store_true", help="only add the 16- vs 64-channel step times")
     args = p.parse_args()
     runs_dir = Path(args.runs)
     result_path = RESULTS / "ensemble_study.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
     result["machine"] = training.machine_info()
+    if args.channel_scaling:
+        result["channel_scaling"] = channel_scaling()
+        result_path.write_text(json.dumps(result, indent=1))
+        return
+    for key in ("end_to_end", "end_to_end_repeat"):  # runs made before the loop figure was recorded
+        for run in result.get(key, {}).values():
+            if isinstance(run, dict) and "loop_ms_per_step" not in run and Path(run["folder"], "metrics.jsonl").exists():
+                run["loop_ms_per_step"] = loop_step_ms(Path(run["folder"]))
     if not args.skip_cost:
         result["cost_per_step"] = cost_table()
+        result["channel_scaling"] = channel_scaling()
     if not args.skip_train:
         # --repeat: a second pair in the opposite order (the ensemble first), to see the VM's drift
         runs = train_runs(runs_dir, members=(4, 1) if args.repeat else (1, 4))
