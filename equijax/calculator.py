@@ -61,14 +61,18 @@ class EquijaxCalculator(Calculator):
         model, params: a :class:`equijax.Potential` and its parameters.
         hessian_batch_size: columns per batch of the memory-bounded Hessian;
             ``None`` uses the dense Hessian.
+        backend: message-passing backend for a model read from a file
+            (``"auto"``, ``"jax"``, ``"cuequivariance"``; :mod:`equijax.kernels`);
+            by default the file's, where it can run here.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, checkpoint_path=None, model=None, params=None, hessian_batch_size=None, **kwargs):
+    def __init__(self, checkpoint_path=None, model=None, params=None, hessian_batch_size=None, backend=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if checkpoint_path is not None:
-            model, params, _ = checkpoint.load_model(checkpoint_path)
+            model, params, _ = checkpoint.load_model(checkpoint_path, backend)
         if model is None or params is None:
             raise ValueError("give a checkpoint path, or both model and params")
         self.model, self.params = model, params

@@ -36,6 +36,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from equijax import kernels
+
 CHECKPOINT = "equijax-checkpoint"
 MODEL = "equijax-model"
 VERSION = 2  # version 1 was the pickle format of equijax 0.1
@@ -206,8 +208,12 @@ class Loaded(NamedTuple):
     metadata: dict  # everything else the file holds (run config, statistics, step, ...)
 
 
-def load_model(path) -> Loaded:
+def load_model(path, backend: str | None = None) -> Loaded:
     """A potential from a model file or a checkpoint (its EMA parameters).
+
+    ``backend`` (see :mod:`equijax.kernels`) replaces the one the file
+    records; by default that one is kept where it can run here, else
+    ``"auto"``. Parameters are the same for every backend.
 
     Raises:
         FileNotFoundError, CheckpointError: as :func:`load`.
@@ -221,6 +227,9 @@ def load_model(path) -> Loaded:
         config = NequIPConfig.from_dict(content["config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: bad model config ({err})") from err
+    if backend is None:
+        backend = config.backend if kernels.available(config.backend) else "auto"
+    config = config.replace(backend=backend)
     metadata = {k: v for k, v in content.items() if k not in _STATE}
     return Loaded(nequip(config), jax.tree_util.tree_map(jax.numpy.asarray, _inference_params(content)), metadata)
 

@@ -74,6 +74,10 @@ SCHEMA: dict = {
         "message_normalization": Key(("sqrt", "mean"), "sqrt", "divide the neighbour sum of messages by sqrt(N) "
                                                               "(NequIP) or by N (equijax 0.1)"),
         "dtype": Key(("float32", "float64"), "float32", "floating-point precision"),
+        "backend": Key(("auto", "jax", "cuequivariance"), "auto",
+                       "message passing: cuequivariance (fused CUDA kernels; pip install 'equijax[cuda13]' or [cuda12]), "
+                       "jax (pure JAX), auto (cuequivariance on a GPU where installed, else jax); "
+                       "parameters do not depend on it"),
     },
     "train": {
         "batch_size": Key(int, 8, "structures per step (split over all devices)"),

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from equijax import kernels
+
 
 # --------------------------------------------------------------- linear maps
 
@@ -174,6 +176,8 @@ class ConvPlan(NamedTuple):
     coupling: tuple  # of np.ndarray, one per input irrep
     species_count: int
     radial_sizes: tuple
+    irreps_sh: e3nn.Irreps = None
+    backend: str = "jax"  # message passing, see equijax.kernels; the model sets it
 
 
 def conv_plan(irreps_in, hidden_irreps, irreps_sh, channels, n_species, n_radial, radial_hidden) -> ConvPlan:
@@ -211,6 +215,7 @@ def conv_plan(irreps_in, hidden_irreps, irreps_sh, channels, n_species, n_radial
         coupling=tuple(coupling),
         species_count=n_species,
         radial_sizes=(n_radial,) + tuple(radial_hidden) + (len(paths) * channels,),
+        irreps_sh=irreps_sh,
     )
 
 
@@ -223,39 +228,6 @@ def conv_init(key, plan: ConvPlan, dtype=jnp.float32) -> dict:
         "linear_out": linear_init(k3, tp_channels, plan.irreps_pre_gate, dtype),
         "self": linear_init(k4, plan.irreps_in, plan.irreps_pre_gate, dtype, plan.species_count),
     }
-
-
-def weighted_tensor_product_sh(plan: ConvPlan, x: jax.Array, sh: jax.Array, weights: jax.Array) -> jax.Array:
-    """Channel-wise tensor product with the edge harmonics, weighted per path.
-
-    Args:
-        x: (n_edge, dim, C) features on the edges, one copy of each input
-            irrep per channel (channels last: the fastest axis).
-        sh: (n_edge, sh.dim) spherical harmonics.
-        weights: (n_edge, n_paths, C) radial weights.
-
-    Returns:
-        (n_edge, irreps_tp.dim, C). The harmonics meet the Clebsch-Gordan
-        blocks once per edge, not once per channel, and everything after is
-        written as broadcast products that XLA fuses into one loop (a batched
-        matmul of 2l+1 by K blocks is far slower on CPU).
-    """
-    per_channel = e3nn.Irreps([(1, ir) for _, ir in plan.irreps_in])
-    outs = []
-    for s, block in zip(per_channel.slices(), plan.coupling):
-        n_sh, m, k = block.shape
-        if k == 0:
-            continue
-        a = (sh @ block.reshape(n_sh, m * k).astype(sh.dtype)).reshape(-1, m, k)
-        xi = x[:, s, :]
-        outs.append(sum(a[:, j, :, None] * xi[:, j, None, :] for j in range(m)))
-    out = jnp.concatenate(outs, axis=1)
-    dims = [ir.dim for _, ir in plan.irreps_tp]
-    w = jnp.concatenate(
-        [jnp.broadcast_to(weights[:, p, None, :], (weights.shape[0], d, weights.shape[2])) for p, d in enumerate(dims)],
-        axis=1,
-    )
-    return out * w.astype(out.dtype)
 
 
 def conv(params: dict, plan: ConvPlan, h: e3nn.IrrepsArray, species, edges: Edges, avg_num_neighbours: float) -> e3nn.IrrepsArray:
@@ -273,8 +245,8 @@ def conv(params: dict, plan: ConvPlan, h: e3nn.IrrepsArray, species, edges: Edge
     x = linear(params["linear_in"], h, plan.irreps_in)
     x = jnp.swapaxes(x.mul_to_axis(C).array, 1, 2)  # (n_node, dim per channel, C)
     weights = mlp(params["radial"], edges.radial).reshape(-1, plan.n_paths, C)
-    messages = weighted_tensor_product_sh(plan, x[edges.senders], edges.sh.array, weights)
-    summed = jax.ops.segment_sum(messages, edges.receivers, num_segments=edges.n_node)
+    summed = kernels.message_passing(plan, x, edges.sh.array, weights, edges.senders, edges.receivers,
+                                     edges.n_node, plan.backend)
     summed = jnp.swapaxes(summed / avg_num_neighbours, 1, 2)  # (n_node, C, dim)
     summed = e3nn.IrrepsArray(plan.irreps_tp, summed).axis_to_mul()
     out = linear(params["linear_out"], summed, plan.irreps_pre_gate)

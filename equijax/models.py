@@ -25,7 +25,7 @@ import jraph
 import numpy as np
 
 from equijax import graph as graph_lib
-from equijax import layers
+from equijax import kernels, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,11 @@ class NequIPConfig:
             the members' mean (:mod:`equijax.ensemble`).
         energy_shift, energy_scale: per-species atomic energy shift (eV) and
             scale (eV), ``E_i = scale[Z_i] * e_i + shift[Z_i]``; default 0 and 1.
+        backend: how message passing runs (:mod:`equijax.kernels`):
+            ``"auto"`` (cuEquivariance's fused kernels on a GPU where they are
+            installed, pure JAX elsewhere), ``"jax"`` or ``"cuequivariance"``.
+            An execution choice only: parameters are the same for every
+            backend, so a model trained with one runs with any other.
     """
 
     species: tuple = (1, 6, 7, 8)
@@ -73,6 +78,7 @@ class NequIPConfig:
     energy_shift: Optional[tuple] = None
     energy_scale: Optional[tuple] = None
     members: int = 1
+    backend: str = "auto"
 
     def replace(self, **kwargs) -> "NequIPConfig":
         return dataclasses.replace(self, **kwargs)
@@ -189,11 +195,14 @@ def nequip(config: NequIPConfig, interaction=None) -> Potential:
     n_species = len(config.species)
     irreps_sh = e3nn.Irreps.spherical_harmonics(config.l_max)  # 0e + 1o + 2e + ...
 
+    backend = kernels.resolve(config.backend)
     plans = []
     irreps = e3nn.Irreps(f"{config.channels}x0e")
     for _ in range(config.n_layers):
         plan = plan_fn(irreps, config.hidden_irreps, irreps_sh, config.channels, n_species,
                        config.n_radial, config.radial_hidden)
+        if isinstance(plan, layers.ConvPlan):
+            plan = plan._replace(backend=backend)
         plans.append(plan)
         irreps = plan.irreps_out
     final_irreps = irreps

@@ -439,7 +439,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
             raise config_lib.ConfigError(
                 f"{ckpt_path} holds an ensemble of {model_cfg.members} member(s), the config asks for "
                 f"train.ensemble={n_members}: restart with --restart or keep train.ensemble={model_cfg.members}")
-        model_cfg = model_cfg.replace(members=1)
+        model_cfg = model_cfg.replace(members=1, backend=mc["backend"])  # an execution choice: may change
         log(f"resuming from {ckpt_path} at step {int(np.max(resumed['step']))}")
     else:
         base = NequIPConfig.from_dict({**{k: v for k, v in mc.items() if v is not None}, "species": (1,)})

@@ -9,6 +9,12 @@ radial MLP 2×64, float32):
   W3  one training step on W1 (energy + force loss, gradient, Adam update)
   W4  full Hessian (63×63) of one aspirin molecule (both by reverse-over-reverse
       autodiff; equijax pads it tightly, jax-md gets it unpadded)
+  W4f the same Hessian by forward-over-reverse autodiff (jacfwd of the gradient)
+
+equijax runs with the pure-JAX message passing ("equijax") and with
+cuEquivariance's segmented polynomial ("equijax-cue": fused CUDA kernels on a
+GPU, its pure-JAX fallback elsewhere): on a GPU machine add
+--models equijax equijax-cue jaxmd.
 
 Each (model, workload) runs in a fresh process, so that the first call
 (init + compile) and the peak memory are its own. Both models see the same
@@ -37,7 +43,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WORKLOADS = HERE / "workloads"
 SPECIES = (1, 6, 8)
-MODELS = ("equijax", "jaxmd")
+# equijax with each message-passing backend (equijax.kernels), and the peer
+MODELS = ("equijax", "equijax-cue", "jaxmd")
+BACKENDS = {"equijax": "jax", "equijax-cue": "cuequivariance"}
 
 
 def _structures(workload):
@@ -47,7 +55,7 @@ def _structures(workload):
         return ase.io.read(WORKLOADS / "w1_aspirin_x32.xyz", index=":")
     if workload == "W2":
         return [ase.io.read(WORKLOADS / "water_box.xyz")]
-    return [ase.io.read(WORKLOADS / "aspirin.xyz")]
+    return [ase.io.read(WORKLOADS / "aspirin.xyz")]  # W4, W4f
 
 
 def _peak_memory_mb():
@@ -70,7 +78,7 @@ def _flops(jitted, *args):
         return float("nan")
 
 
-def _equijax_setup(workload, structures):
+def _equijax_setup(workload, structures, backend="jax"):
     import jax
     import optax
 
@@ -78,9 +86,10 @@ def _equijax_setup(workload, structures):
     from equijax import physics, training
 
     cfg = eq.NequIPConfig(species=SPECIES, l_max=2, parity=True, channels=32, n_layers=4,
-                          n_radial=8, cutoff=5.0, radial_hidden=(64, 64), dtype="float32")
+                          n_radial=8, cutoff=5.0, radial_hidden=(64, 64), dtype="float32", backend=backend)
     # W4 is a one-off Hessian: no bucket padding (it would add columns); as equijax.vibrations does
-    graph = eq.build_graph(structures, cfg.cutoff, species=SPECIES, pad_to="tight" if workload == "W4" else None)
+    graph = eq.build_graph(structures, cfg.cutoff, species=SPECIES,
+                           pad_to="tight" if workload.startswith("W4") else None)
     cfg = cfg.replace(avg_num_neighbours=eq.graph.num_neighbours(graph))
     model = eq.nequip(cfg)
 
@@ -90,8 +99,8 @@ def _equijax_setup(workload, structures):
     if workload in ("W1", "W2"):
         fn = jax.jit(physics.energy_and_forces(model.energy))
         return init, lambda p: (fn, (p, graph))
-    if workload == "W4":
-        fn = jax.jit(physics.hessian(model.energy))
+    if workload.startswith("W4"):
+        fn = jax.jit(physics.hessian(model.energy, "forward" if workload == "W4f" else "reverse"))
         return init, lambda p: (fn, (p, graph))
     # W3: zero labels; the step's cost does not depend on their values
     graph = graph._replace(
@@ -162,9 +171,10 @@ def _jaxmd_setup(workload, structures):
     if workload in ("W1", "W2"):
         fn = jax.jit(lambda params, p: (energy(params, p), -jax.grad(lambda q: energy(params, q).sum())(p)))
         return init, lambda params: (fn, (params, pos))
-    if workload == "W4":
-        # the same route as equijax.physics.hessian (reverse over reverse): the models are compared, not the AD mode
-        fn = jax.jit(lambda params, p: jax.jacrev(jax.grad(lambda q: energy(params, q).sum()))(p))
+    if workload.startswith("W4"):
+        # the same route as equijax.physics.hessian: the models are compared, not the AD mode
+        outer = jax.jacfwd if workload == "W4f" else jax.jacrev
+        fn = jax.jit(lambda params, p: outer(jax.grad(lambda q: energy(params, q).sum()))(p))
         return init, lambda params: (fn, (params, pos))
     opt = optax.adam(1e-3)
 
@@ -188,18 +198,22 @@ def worker(model_name, workload, repeats):
 
     structures = _structures(workload)
     base_mem = _peak_memory_mb()
-    setup = _equijax_setup if model_name == "equijax" else _jaxmd_setup
     t0 = time.perf_counter()
-    init, make = setup(workload, structures)
+    if model_name in BACKENDS:
+        init, make = _equijax_setup(workload, structures, BACKENDS[model_name])
+    else:
+        init, make = _jaxmd_setup(workload, structures)
     params = init()
     fn, args = make(params)
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - t0
     times = []
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(repeats):
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
     flops = _flops(fn, *args)
     median = statistics.median(times)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
@@ -209,15 +223,20 @@ def worker(model_name, workload, repeats):
         "first_call_s": first, "peak_mem_mb": _peak_memory_mb() - (base_mem if jax.devices()[0].platform == "cpu" else 0),
         "gflops": flops / 1e9, "gflops_per_s": flops / 1e9 / median, "n_params": int(n_params),
         "device": str(jax.devices()[0].device_kind), "repeats": repeats,
+        # CPU time of the process per warm call: user, system (the kernel mapping fresh pages), page faults
+        "user_s_per_call": (usage1.ru_utime - usage0.ru_utime) / repeats,
+        "system_s_per_call": (usage1.ru_stime - usage0.ru_stime) / repeats,
+        "minor_faults_per_call": (usage1.ru_minflt - usage0.ru_minflt) / repeats,
     }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3", "W4"])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=["equijax", "jaxmd"], choices=MODELS)
     parser.add_argument("--repeats", type=int, default=10, help="warm calls timed (median reported)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per (model, workload) process")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -228,40 +247,54 @@ def main(argv=None):
     results = []
     for w in args.workloads:
         for m in args.models:
-            proc = subprocess.run([sys.executable, __file__, "--worker", m, w, "--repeats", str(args.repeats)],
-                                  capture_output=True, text=True)
+            try:
+                proc = subprocess.run([sys.executable, __file__, "--worker", m, w, "--repeats", str(args.repeats)],
+                                      capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{m} {w}: no result within {args.timeout} s", file=sys.stderr)
+                continue
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if not lines:
                 print(f"{m} {w} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 continue
             r = json.loads(lines[-1][7:])
             results.append(r)
-            print(f"  {w} {m:8s} median {r['median_s']*1e3:9.1f} ms  first call {r['first_call_s']:6.1f} s  "
-                  f"peak {r['peak_mem_mb']:7.0f} MB  {r['gflops']:8.2f} GFLOP  {r['gflops_per_s']:7.1f} GFLOP/s",
-                  flush=True)
+            if args.out:  # after every row: a run cut short keeps what it measured
+                _write(args.out, results)
+            print(f"  {w} {m:11s} median {r['median_s']*1e3:9.1f} ms  first call {r['first_call_s']:6.1f} s  "
+                  f"peak {r['peak_mem_mb']:7.0f} MB  {r['gflops']:8.2f} GFLOP  {r['gflops_per_s']:7.1f} GFLOP/s  "
+                  f"user {r['user_s_per_call']*1e3:.0f} ms  system {r['system_s_per_call']*1e3:.0f} ms  "
+                  f"{r['minor_faults_per_call']:.0f} faults per call", flush=True)
     print()
     print(table(results))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
-        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+def _write(path: Path, results):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
 
 def table(results):
-    """Markdown table with the ratio peer/equijax (>1: equijax is faster)."""
+    """Markdown table, one row per equijax backend, with the ratio jax-md / equijax (>1: equijax is faster)."""
     by = {(r["workload"], r["model"]): r for r in results}
-    rows = ["| workload | equijax median | jax-md median | speed-up (jax-md / equijax) | equijax first call | jax-md first call | equijax peak MB | jax-md peak MB | equijax GFLOP/s |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| workload | equijax backend | equijax median | jax-md median | speed-up | equijax first call | "
+            "jax-md first call | equijax peak MB | jax-md peak MB | equijax GFLOP/s | equijax system s / call |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for w in sorted({r["workload"] for r in results}):
-        a, b = by.get((w, "equijax")), by.get((w, "jaxmd"))
-        if not a:
-            continue
-        ratio = f"{b['median_s'] / a['median_s']:.2f}×" if b else "–"
-        rows.append(
-            f"| {w} | {a['median_s']*1e3:.1f} ms | {b['median_s']*1e3 if b else float('nan'):.1f} ms | {ratio} | "
-            f"{a['first_call_s']:.1f} s | {b['first_call_s'] if b else float('nan'):.1f} s | "
-            f"{a['peak_mem_mb']:.0f} | {b['peak_mem_mb'] if b else float('nan'):.0f} | {a['gflops_per_s']:.1f} |"
-        )
+        b = by.get((w, "jaxmd"))
+        for m, backend in BACKENDS.items():
+            a = by.get((w, m))
+            if not a:
+                continue
+            ratio = f"{b['median_s'] / a['median_s']:.2f}×" if b else "–"
+            rows.append(
+                f"| {w} | {backend} | {a['median_s']*1e3:.1f} ms | {b['median_s']*1e3 if b else nan:.1f} ms | {ratio} | "
+                f"{a['first_call_s']:.1f} s | {b['first_call_s'] if b else nan:.1f} s | "
+                f"{a['peak_mem_mb']:.0f} | {b['peak_mem_mb'] if b else nan:.0f} | {a['gflops_per_s']:.1f} | "
+                f"{a.get('system_s_per_call', nan):.3f} |"
+            )
     return "\n".join(rows)
 
 
