@@ -64,13 +64,20 @@ class EquijaxCalculator(Calculator):
         backend: message-passing backend for a model read from a file
             (``"auto"``, ``"jax"``, ``"cuequivariance"``; :mod:`equijax.kernels`);
             by default the file's, where it can run here.
+        compile_cache: keep compiled programs on disk so that the next
+            process starts in seconds (:mod:`equijax.compile_cache`): ``True``
+            (the default folder, ``~/.cache/equijax/xla``), a folder, or ``False``.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, checkpoint_path=None, model=None, params=None, hessian_batch_size=None, backend=None,
-                 **kwargs):
+                 compile_cache=True, **kwargs):
         super().__init__(**kwargs)
+        if compile_cache:
+            from equijax import compile_cache as cache
+
+            cache.enable(None if compile_cache is True else compile_cache)
         if checkpoint_path is not None:
             model, params, _ = checkpoint.load_model(checkpoint_path, backend)
         if model is None or params is None:

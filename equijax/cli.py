@@ -474,6 +474,10 @@ def main(argv=None):
     debug = "--debug" in argv
     try:
         args = _parse(argv)
+        if args.command not in (None, "config"):
+            from equijax import compile_cache
+
+            compile_cache.enable()  # the second run of any command skips compilation
         args.func(args)
     except KeyboardInterrupt:
         print("equijax: interrupted", file=sys.stderr)

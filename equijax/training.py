@@ -537,6 +537,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     for stale in output.glob("*.tmp") if lead else ():  # left by a kill in the middle of a write
         stale.unlink()
     t0 = time.time()
+    window = {"start": time.time(), "steps": 0, "structures": 0, "atoms": 0}  # throughput between validations
     bar = tqdm(total=max_steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1.0)
     stop = False
@@ -551,6 +552,9 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
             else:
                 state, m = step_fn(state, shard(batch, mesh))
             step += 1
+            window["steps"] += 1
+            window["structures"] += int(np.sum(batch.globals["mask"]))
+            window["atoms"] += int(np.sum(batch.nodes["mask"]))
             if step % 10 == 0 or step == max_steps:
                 m = host(m)
                 bar.set_postfix(loss=f"{float(np.mean(m['loss'])):.4f}",
@@ -560,6 +564,10 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
             if callback is not None:
                 callback(step, state)
             if step % eval_every == 0 or step == max_steps:
+                jax.block_until_ready(state)
+                seconds = time.time() - window["start"]  # training steps only (the first window: compilation too)
+                speed = {"structures_per_s": window["structures"] / seconds, "atoms_per_s": window["atoms"] / seconds,
+                         "ms_per_step": 1e3 * seconds / max(window["steps"], 1)}
                 if ensemble_run:
                     members = validate(state.ema_params)
                     factors = np.array(lr_factor(state.opt_state), dtype=float)
@@ -588,15 +596,17 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                     extra = {}
                 record = {"step": step, "epoch": step / steps_per_epoch, "time_s": time.time() - t0,
                           "train_loss": float(np.mean(host(m["loss"]))),
-                          **{f"valid_{k}": x for k, x in v.items()}, **extra}
+                          **{f"valid_{k}": x for k, x in v.items()}, **speed, **extra}
                 if lead:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     bar.write(f"step {step:6d}  valid{' (mean of members)' if ensemble_run else ''}: "
-                              f"E MAE {v['energy_mae']:.2f} meV/atom, F MAE {v['forces_mae']:.1f} meV/Å")
+                              f"E MAE {v['energy_mae']:.2f} meV/atom, F MAE {v['forces_mae']:.1f} meV/Å; "
+                              f"{speed['structures_per_s']:.0f} structures/s, {speed['atoms_per_s']:.0f} atoms/s")
                 if improved:
                     export(members if ensemble_run else v)
                 save()
+                window = {"start": time.time(), "steps": 0, "structures": 0, "atoms": 0}
             if step >= max_steps or stop:
                 break
     bar.close()

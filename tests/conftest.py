@@ -8,6 +8,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
                            " --xla_llvm_disable_expensive_passes=true").strip()
 
+# the CLI and the calculator keep compiled programs in ~/.cache/equijax: not the tests' business
+os.environ["EQUIJAX_CACHE_DIR"] = "off"
+
 import jax  # noqa: E402
 import pytest
 

@@ -103,3 +103,17 @@ def test_backend_choice():
         kernels.resolve("cuda")
     with pytest.raises(config_lib.ConfigError, match="backend"):
         config_lib.load(None, ["model.backend=cuda"])
+
+
+def test_compile_cache_location_follows_the_environment(monkeypatch, tmp_path):
+    from equijax import compile_cache
+
+    monkeypatch.setenv("EQUIJAX_CACHE_DIR", "off")
+    assert compile_cache.default_dir() is None and compile_cache.enable() is None
+    monkeypatch.delenv("EQUIJAX_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache.default_dir() == tmp_path / "xdg" / "equijax" / "xla"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compile_cache.default_dir() == tmp_path / "home" / ".cache" / "equijax" / "xla"
+    assert jax.config.jax_compilation_cache_dir is None  # importing equijax switched nothing on
