@@ -596,7 +596,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                     extra = {}
                 record = {"step": step, "epoch": step / steps_per_epoch, "time_s": time.time() - t0,
                           "train_loss": float(np.mean(host(m["loss"]))),
-                          **{f"valid_{k}": x for k, x in v.items()}, **speed, **extra}
+                          **{f"valid_{k}": x for k, x in v.items()}, "throughput": speed, **extra}
                 if lead:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")

@@ -135,6 +135,19 @@ MUTATIONS = {
         '    for name, key in ():  # BUG: only JAX reads the environment (the README launch fails)',
         ["tests/test_distributed.py::test_two_processes_train_as_one_and_resume_across_processes"],
     ),
+    "cue_coefficients_off_for_l2_harmonics": (
+        "equijax/kernels/cue.py",
+        '            d.add_path(None, i_in, i_sh, None, c=coefficients, dims={"u": channels})',
+        '            d.add_path(None, i_in, i_sh, None, c=coefficients * (1.001 if i_sh == 2 else 1.0),'
+        ' dims={"u": channels})  # BUG',
+        ["tests/test_kernels.py::test_backends_give_the_same_energies_forces_stress_hessians_and_gradients"],
+    ),
+    "cue_paths_permuted": (
+        "equijax/kernels/cue.py",
+        "    paths = iter(e3nn.Irreps(irreps_tp))",
+        "    paths = iter(e3nn.Irreps(irreps_tp).sort().irreps)  # BUG: path order of a sorted irreps",
+        ["tests/test_kernels.py::test_backends_give_the_same_energies_forces_stress_hessians_and_gradients"],
+    ),
 }
 
 
@@ -157,7 +170,7 @@ def main(argv=None):
         path, original, mutated, tests = MUTATIONS[name]
         with tempfile.TemporaryDirectory() as tmp:
             tree = Path(tmp) / "repo"
-            shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__"))
+            shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", ".whl", "runs", "__pycache__"))
             source = (tree / path).read_text()
             if source.count(original) != 1:
                 raise SystemExit(f"{name}: the text to mutate is not found once in {path}; update this script")
