@@ -32,6 +32,9 @@ EPILOG = """examples:
   equijax md runs/default/model.npz equijax/data/aspirin_test.xyz --steps 2000 --replicas 8
 
 units: energies eV, forces eV/Å, stress eV/Å³; MAEs are printed in meV/atom and meV/Å.
+compiled programs are kept in $XDG_CACHE_HOME/equijax/xla (else ~/.cache/equijax/xla), so a
+second run starts in seconds; EQUIJAX_CACHE_DIR=DIR moves the cache, EQUIJAX_CACHE_DIR=off disables it.
+on a GPU: pip install 'equijax[cuda13]' (or [cuda12]) for the fused kernels (model.backend=auto).
 """
 
 
