@@ -44,8 +44,16 @@ HERE = Path(__file__).resolve().parent
 WORKLOADS = HERE / "workloads"
 SPECIES = (1, 6, 8)
 # equijax with each message-passing backend (equijax.kernels), and the peer
-MODELS = ("equijax", "equijax-cue", "jaxmd")
+MODELS = ("equijax", "equijax-cue", "jaxmd", "nequix")
 BACKENDS = {"equijax": "jax", "equijax-cue": "cuequivariance"}
+# hidden irreps of every model: both parities (the standard size) or, with --no-parity, one parity
+# per l (32x0e+32x1o+32x2e), the only form nequix supports
+def _parity():
+    return os.environ.get("EQUIJAX_BENCH_PARITY", "1") == "1"
+
+
+def _irreps():
+    return "32x0e+32x0o+32x1e+32x1o+32x2e+32x2o" if _parity() else "32x0e+32x1o+32x2e"
 
 
 def _structures(workload):
@@ -85,7 +93,7 @@ def _equijax_setup(workload, structures, backend="jax"):
     import equijax as eq
     from equijax import physics, training
 
-    cfg = eq.NequIPConfig(species=SPECIES, l_max=2, parity=True, channels=32, n_layers=4,
+    cfg = eq.NequIPConfig(species=SPECIES, l_max=2, parity=_parity(), channels=32, n_layers=4,
                           n_radial=8, cutoff=5.0, radial_hidden=(64, 64), dtype="float32", backend=backend)
     # W4 is a one-off Hessian: no bucket padding (it would add columns); as equijax.vibrations does
     graph = eq.build_graph(structures, cfg.cutoff, species=SPECIES,
@@ -125,10 +133,8 @@ def _jaxmd_setup(workload, structures):
     import optax
     from jax_md._nn import nequip as jmd_nequip
 
-    import equijax as eq
-
     cfg = jmd_nequip.default_config()
-    cfg.hidden_irreps = "32x0e+32x0o+32x1e+32x1o+32x2e+32x2o"
+    cfg.hidden_irreps = _irreps()
     cfg.sh_irreps = "1x0e+1x1o+1x2e"
     cfg.graph_net_steps = 4
     cfg.num_basis = 8
@@ -138,22 +144,13 @@ def _jaxmd_setup(workload, structures):
     cfg.n_elements = len(SPECIES)
     cfg.shift, cfg.scale = 0.0, 1.0
 
-    # the same neighbours as equijax, unpadded
-    recv, send, shift, offs, cells = [], [], [], 0, []
-    for s in structures:
-        st = eq.graph.from_ase(s)
-        r, se, sh = eq.graph.neighbours(st, 5.0)
-        cell = st.cell if st.cell is not None else np.zeros((3, 3))
-        recv.append(r + offs)
-        send.append(se + offs)
-        shift.append(sh @ cell)
-        offs += len(s)
-    recv, send = jnp.asarray(np.concatenate(recv)), jnp.asarray(np.concatenate(send))
-    offset = jnp.asarray(np.concatenate(shift), jnp.float32)
-    cfg.n_neighbors = float(len(recv) / offs)
+    send, recv, shift, pos = _same_neighbours(structures)  # the same neighbours as equijax, unpadded
+    recv, send = jnp.asarray(recv), jnp.asarray(send)
+    offset = jnp.asarray(shift, jnp.float32)
+    cfg.n_neighbors = float(len(recv) / len(pos))
     numbers = np.concatenate([s.numbers for s in structures])
     nodes = jax.nn.one_hot(jnp.asarray([SPECIES.index(z) for z in numbers]), len(SPECIES))
-    pos = jnp.asarray(np.concatenate([s.positions for s in structures]), jnp.float32)
+    pos = jnp.asarray(pos, jnp.float32)
     n_node = jnp.asarray([len(s) for s in structures])
     model = jmd_nequip.model_from_config(cfg)
 
@@ -193,6 +190,77 @@ def _jaxmd_setup(workload, structures):
     return init, lambda params: (step, ((params, opt.init(params)),))
 
 
+def _same_neighbours(structures):
+    """equijax's neighbour list (vesin), unpadded and concatenated: senders, receivers, offsets, positions."""
+    import numpy as np
+
+    import equijax as eq
+
+    recv, send, shift, offs = [], [], [], 0
+    for s in structures:
+        st = eq.graph.from_ase(s)
+        r, se, sh = eq.graph.neighbours(st, 5.0)
+        cell = st.cell if st.cell is not None else np.zeros((3, 3))
+        recv.append(r + offs)
+        send.append(se + offs)
+        shift.append(sh @ cell)
+        offs += len(s)
+    positions = np.concatenate([s.positions for s in structures])
+    return np.concatenate(send), np.concatenate(recv), np.concatenate(shift), positions
+
+
+def _nequix_setup(workload, structures):
+    """nequix (PyPI nequix 0.4.5, pure-JAX kernels) at the standard size, on the same neighbours.
+
+    Its model outputs scalars only from the last layer, as NequIP does; the
+    radial MLP has 2 layers of 64, as ours. Energies of every atom summed,
+    forces by autodiff of positions (its own route), float32.
+    """
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from nequix.model import Nequix
+
+    send, recv, shift, pos = _same_neighbours(structures)
+    send, recv = jnp.asarray(send), jnp.asarray(recv)
+    offset = jnp.asarray(shift, jnp.float32)
+    species = jnp.asarray([SPECIES.index(z) for z in np.concatenate([s.numbers for s in structures])])
+    pos = jnp.asarray(pos, jnp.float32)
+
+    def init():
+        return Nequix(jax.random.PRNGKey(0), n_species=len(SPECIES), lmax=2, cutoff=5.0,
+                      hidden_irreps=_irreps(), n_layers=4, radial_basis_size=8,
+                      radial_mlp_size=64, radial_mlp_layers=2, avg_n_neighbors=float(len(recv) / len(pos)))
+
+    def energy(model, p):
+        # nequix's displacement convention: positions[senders] - positions[receivers]
+        return model.node_energies(p[send] - p[recv] + offset, species, send, recv).sum()
+
+    if workload in ("W1", "W2"):
+        fn = eqx.filter_jit(lambda m, p: jax.value_and_grad(lambda q: energy(m, q))(p))
+        return init, lambda m: (fn, (m, pos))
+    if workload.startswith("W4"):
+        outer = jax.jacfwd if workload == "W4f" else jax.jacrev
+        fn = eqx.filter_jit(lambda m, p: outer(jax.grad(lambda q: energy(m, q)))(p))
+        return init, lambda m: (fn, (m, pos))
+    opt = optax.adam(1e-3)
+
+    def loss(m):
+        e, g = jax.value_and_grad(lambda q: energy(m, q))(pos)
+        return (e / pos.shape[0]) ** 2 + 10.0 * (g**2).mean()
+
+    @eqx.filter_jit
+    def step(state):
+        m, opt_state = state
+        grads = eqx.filter_grad(loss)(m)
+        updates, opt_state = opt.update(grads, opt_state, eqx.filter(m, eqx.is_array))
+        return eqx.apply_updates(m, updates), opt_state
+
+    return init, lambda m: (step, ((m, opt.init(eqx.filter(m, eqx.is_array))),))
+
+
 def worker(model_name, workload, repeats):
     import jax
 
@@ -201,6 +269,8 @@ def worker(model_name, workload, repeats):
     t0 = time.perf_counter()
     if model_name in BACKENDS:
         init, make = _equijax_setup(workload, structures, BACKENDS[model_name])
+    elif model_name == "nequix":
+        init, make = _nequix_setup(workload, structures)
     else:
         init, make = _jaxmd_setup(workload, structures)
     params = init()
@@ -216,7 +286,7 @@ def worker(model_name, workload, repeats):
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
     flops = _flops(fn, *args)
     median = statistics.median(times)
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params) if hasattr(x, "size"))
     return {
         "model": model_name, "workload": workload, "median_s": median,
         "iqr_s": (statistics.quantiles(times, n=4)[2] - statistics.quantiles(times, n=4)[0]) if len(times) > 3 else 0.0,
@@ -237,9 +307,15 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10, help="warm calls timed (median reported)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per (model, workload) process")
+    parser.add_argument("--no-parity", action="store_true",
+                        help="hidden irreps 32x0e+32x1o+32x2e for every model (nequix runs only so)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.no_parity:
+        os.environ["EQUIJAX_BENCH_PARITY"] = "0"  # the workers read it
+    if "nequix" in args.models and not args.no_parity:
+        parser.error("nequix has one parity per l: add --no-parity")
     if args.worker:
         print("RESULT " + json.dumps(worker(*args.worker, args.repeats)), flush=True)
         return
@@ -248,7 +324,8 @@ def main(argv=None):
     for w in args.workloads:
         for m in args.models:
             try:
-                proc = subprocess.run([sys.executable, __file__, "--worker", m, w, "--repeats", str(args.repeats)],
+                proc = subprocess.run([sys.executable, __file__, "--worker", m, w, "--repeats", str(args.repeats)]
+                                      + (["--no-parity"] if args.no_parity else []),
                                       capture_output=True, text=True, timeout=args.timeout)
             except subprocess.TimeoutExpired:
                 print(f"{m} {w}: no result within {args.timeout} s", file=sys.stderr)
@@ -276,25 +353,28 @@ def _write(path: Path, results):
 
 
 def table(results):
-    """Markdown table, one row per equijax backend, with the ratio jax-md / equijax (>1: equijax is faster)."""
+    """Markdown table, one row per equijax backend, with the ratios peer / equijax (>1: equijax is faster)."""
     by = {(r["workload"], r["model"]): r for r in results}
-    rows = ["| workload | equijax backend | equijax median | jax-md median | speed-up | equijax first call | "
-            "jax-md first call | equijax peak MB | jax-md peak MB | equijax GFLOP/s | equijax system s / call |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    peers = [p for p in ("jaxmd", "nequix") if any(r["model"] == p for r in results)]
+    head = "| workload | equijax backend | equijax median | " + " | ".join(
+        f"{p} median | speed-up vs {p}" for p in peers) + " | equijax first call | " + " | ".join(
+        f"{p} first call" for p in peers) + " | equijax peak MB | equijax system s / call |"
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
     nan = float("nan")
     for w in sorted({r["workload"] for r in results}):
-        b = by.get((w, "jaxmd"))
         for m, backend in BACKENDS.items():
             a = by.get((w, m))
             if not a:
                 continue
-            ratio = f"{b['median_s'] / a['median_s']:.2f}×" if b else "–"
-            rows.append(
-                f"| {w} | {backend} | {a['median_s']*1e3:.1f} ms | {b['median_s']*1e3 if b else nan:.1f} ms | {ratio} | "
-                f"{a['first_call_s']:.1f} s | {b['first_call_s'] if b else nan:.1f} s | "
-                f"{a['peak_mem_mb']:.0f} | {b['peak_mem_mb'] if b else nan:.0f} | {a['gflops_per_s']:.1f} | "
-                f"{a.get('system_s_per_call', nan):.3f} |"
-            )
+            cells = [w, backend, f"{a['median_s']*1e3:.1f} ms"]
+            for p in peers:
+                b = by.get((w, p))
+                cells += [f"{b['median_s']*1e3:.1f} ms" if b else "–",
+                          f"{b['median_s'] / a['median_s']:.2f}×" if b else "–"]
+            cells.append(f"{a['first_call_s']:.1f} s")
+            cells += [f"{by[(w, p)]['first_call_s']:.1f} s" if (w, p) in by else "–" for p in peers]
+            cells += [f"{a['peak_mem_mb']:.0f}", f"{a.get('system_s_per_call', nan):.3f}"]
+            rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
