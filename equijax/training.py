@@ -537,7 +537,10 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     for stale in output.glob("*.tmp") if lead else ():  # left by a kill in the middle of a write
         stale.unlink()
     t0 = time.time()
-    window = {"start": time.time(), "steps": 0, "structures": 0, "atoms": 0}  # throughput between validations
+    def new_window():  # throughput is measured over the training steps between validations
+        return {"start": time.time(), "steps": 0, "structures": 0, "atoms": 0}
+
+    window = new_window()
     bar = tqdm(total=max_steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1.0)
     stop = False
@@ -606,7 +609,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                 if improved:
                     export(members if ensemble_run else v)
                 save()
-                window = {"start": time.time(), "steps": 0, "structures": 0, "atoms": 0}
+                window = new_window()
             if step >= max_steps or stop:
                 break
     bar.close()
