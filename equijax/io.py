@@ -24,7 +24,8 @@ def read(path, index: str = ":", species: Sequence[int] | None = None,
     """Read labelled structures from ``path`` (format from the extension).
 
     Args:
-        path: ``.xyz``/``.extxyz`` (ASE extended XYZ), ``.npz`` (rMD17 layout:
+        path: ``.xyz``/``.extxyz`` (ASE extended XYZ, also ``.gz``, ``.bz2``
+            or ``.xz`` compressed), ``.npz`` (rMD17 layout:
             ``nuclear_charges`` (n_atom,), ``coords`` (n_frame, n_atom, 3) Å,
             ``energies`` (n_frame,), ``forces`` (n_frame, n_atom, 3)), or
             ``.db`` (ASE database).
@@ -43,6 +44,8 @@ def read(path, index: str = ":", species: Sequence[int] | None = None,
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
+    if suffix in (".gz", ".bz2", ".xz") and Path(path.stem).suffix.lower() in (".xyz", ".extxyz"):
+        suffix = Path(path.stem).suffix.lower()  # compressed extended XYZ: ASE decompresses as it reads
     try:
         if suffix == ".npz":
             structures = _read_npz(path, index, energy_unit)

@@ -245,6 +245,93 @@ def vibrate(model, params, atoms, relax: bool = False, fmax: float = 1e-3, batch
     return VibrationalResult(atoms, projected, n_rigid, VibrationsData.from_2d(atoms, projected), dmu)
 
 
+def finite_difference_hessian(atoms, calc=None, delta: float = 0.005, dipole_derivative: bool = False):
+    """(N, 3, N, 3) Hessian (eV/Å²) of any ASE calculator by central differences of its forces.
+
+    The reference-method Hessian for training and validation: ``6N`` force
+    calls, ``H[:, :, a, i] = -(F(x + δ e_ai) - F(x - δ e_ai)) / 2δ``, then
+    symmetrised (as ASE's ``Vibrations`` with ``nfree=2`` does). Error
+    O(δ²); δ = 0.005 Å is ASE's default for molecules.
+
+    Args:
+        atoms: an ``ase.Atoms`` (not changed).
+        calc: the calculator; default ``atoms.calc``.
+        delta: displacement, Å.
+        dipole_derivative: also return the (N, 3, 3) derivative of the
+            calculator's dipole, ``[a, i, c] = dμ_c / dx_ai`` (e·Å/Å = e),
+            from the same displacements (ASE's ``Infrared`` does the same).
+    """
+    work = atoms.copy()
+    work.calc = calc if calc is not None else atoms.calc
+    x0 = work.get_positions()
+    n = len(work)
+    h = np.empty((n, 3, n, 3))
+    dmu = np.empty((n, 3, 3))
+    for a in range(n):
+        for i in range(3):
+            forces, dipoles = [], []
+            for sign in (1.0, -1.0):
+                x = x0.copy()
+                x[a, i] += sign * delta
+                work.set_positions(x)
+                forces.append(work.get_forces())
+                if dipole_derivative:
+                    dipoles.append(work.get_dipole_moment())
+            h[:, :, a, i] = -(forces[0] - forces[1]) / (2 * delta)
+            if dipole_derivative:
+                dmu[a, i] = (dipoles[0] - dipoles[1]) / (2 * delta)
+    flat = h.reshape(3 * n, 3 * n)
+    h = (0.5 * (flat + flat.T)).reshape(n, 3, n, 3)
+    return (h, dmu) if dipole_derivative else h
+
+
+def vibrate_reference(atoms, calc, relax: bool = True, fmax: float = 1e-4, delta: float = 0.005,
+                      ir: bool = False) -> VibrationalResult:
+    """Harmonic analysis with any ASE calculator (a reference method), as :func:`vibrate` does with a model.
+
+    The Hessian (and with ``ir`` the dipole derivative) by central
+    differences (:func:`finite_difference_hessian`), after a BFGS
+    relaxation to ``fmax`` (eV/Å); projected and analysed exactly like the
+    model's, so frequencies, modes and IR intensities compare like with like.
+    """
+    atoms = atoms.copy()
+    atoms.calc = calc
+    if relax:
+        from ase.optimize import BFGS
+
+        BFGS(atoms, logfile=None).run(fmax=fmax, steps=2000)
+    n = len(atoms)
+    h, dmu = finite_difference_hessian(atoms, calc, delta, dipole_derivative=True)
+    projected, n_rigid = project_hessian(h.reshape(3 * n, 3 * n), atoms)
+    return VibrationalResult(atoms, projected, n_rigid, VibrationsData.from_2d(atoms, projected),
+                             dmu.reshape(3 * n, 3) if ir else None)
+
+
+def normal_mode_samples(atoms, hessian: np.ndarray, temperature: float, n_samples: int,
+                        rng: np.random.Generator) -> list:
+    """Geometries displaced along the normal modes with classical Boltzmann amplitudes.
+
+    Each mode ``k`` (frequency ω_k, rigid-body motions excluded) gets a
+    Gaussian amplitude of variance ``kT / ω_k²`` in mass-weighted
+    coordinates: the harmonic thermal distribution at ``temperature`` (K)
+    around the minimum ``atoms``. ``hessian``: (3N, 3N) or (N, 3, N, 3), eV/Å².
+    """
+    n = len(atoms)
+    projected, n_rigid = project_hessian(np.reshape(hessian, (3 * n, 3 * n)), atoms)
+    inv_sqrt_m = np.repeat(atoms.get_masses() ** -0.5, 3)
+    w2, vectors = np.linalg.eigh(projected * np.outer(inv_sqrt_m, inv_sqrt_m))  # eV/(Å² amu)
+    order = np.argsort(np.abs(w2))[n_rigid:]  # the rigid-body modes are the projected-out zeros
+    w2, vectors = np.abs(w2[order]), vectors[:, order]
+    kt = units.kB * temperature
+    out = []
+    for _ in range(n_samples):
+        q = rng.standard_normal(len(w2)) * np.sqrt(kt / w2)  # Å·√amu
+        sample = atoms.copy()
+        sample.positions = atoms.positions + (inv_sqrt_m * (vectors @ q)).reshape(n, 3)
+        out.append(sample)
+    return out
+
+
 def match_modes(reference: np.ndarray, modes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pair the modes of two analyses by the overlap of their eigenvectors, not by order.
 
