@@ -43,7 +43,7 @@ def _train(args):
 
     if args.distributed:
         training.init_distributed()  # JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID, or SLURM, ...
-    config = config_lib.load(args.config, args.overrides)
+    config = config_lib.load(args.config, list(args.overrides) + ([f"train.init={args.init}"] if args.init else []))
     output = Path(args.output or config["output"] or "runs/default")
     result = training.fit(config, output, resume=not args.restart, progress=not args.no_progress,
                           accept_changes=args.accept_changes)
@@ -62,6 +62,11 @@ def _train(args):
             print(f"  stress MAE {t['stress_mae']:8.3f} meV/Å³     RMSE {t['stress_rmse']:8.3f}")
         if "dipole_mae" in t:
             print(f"  dipole MAE {t['dipole_mae']:8.1f} me·Å       RMSE {t['dipole_rmse']:8.1f}")
+        if "hessian_mae" in t:
+            print(f"  H·v    MAE {t['hessian_mae'] / 1000:8.3f} eV/Å²     RMSE {t['hessian_rmse'] / 1000:8.3f}")
+        if "dipole_derivative_mae" in t:
+            print(f"  dμ/dx·v MAE {t['dipole_derivative_mae']:7.1f} me          "
+                  f"RMSE {t['dipole_derivative_rmse']:7.1f}")
         print(f"  (predicting zero forces: MAE {t['zero_force_mae']:.1f} meV/Å, "
               f"{t['zero_force_mae'] / t['forces_mae']:.1f}× worse)")
 
@@ -352,6 +357,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
     t.add_argument("--accept-changes", action="store_true",
                    help="resume even though the config differs from the checkpoint's (the new values apply)")
+    t.add_argument("--init", metavar="MODEL",
+                   help="fine-tune: start from this model file (same as train.init=MODEL), e.g. "
+                        "equijax train equijax/configs/hessian_finetune.yaml --init runs/dipole/model.npz")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     t.add_argument("--distributed", action="store_true",
                    help="one of several processes (hosts, or processes of one host) training together: "

@@ -92,7 +92,11 @@ SCHEMA: dict = {
         "plateau_patience": Key(int, 5, "validations without improvement before the plateau schedule "
                                         "lowers the learning rate"),
         "plateau_factor": Key(float, 0.5, "factor of each plateau reduction"),
-        "seed": Key(int, 0, "initialisation, validation split and data order"),
+        "seed": Key(int, 0, "initialisation, validation split, data order and Hessian-loss directions"),
+        "init": Key(str, None, "fine-tune: start from this model file's parameters, architecture and energy "
+                               "shifts (the model section is then ignored, except model.backend)", optional=True),
+        "hessian_directions": Key(int, 1, "random directions v per structure and step of the Hessian term "
+                                          "(one forward-over-reverse pass each)"),
         "ensemble": Key(int, 1, "members trained at once in one compiled step (a committee: predictions "
                                 "with a spread); member k starts from the initialisation of seed + k, "
                                 "all members see the same batches"),
@@ -104,6 +108,11 @@ SCHEMA: dict = {
             "forces": Key(float, 10.0, "weight of the force-component MSE", "1/(eV/Å)²"),
             "stress": Key(float, 0.0, "weight of the stress-component MSE (periodic data)", "1/(eV/Å³)²"),
             "dipole": Key(float, 0.0, "weight of the dipole MSE (trains the charge head, for IR)", "1/(e·Å)²"),
+            "hessian": Key(float, 0.0, "weight of the MSE of Hessian-vector products H v along random directions "
+                                       "(needs Hessian labels, e.g. data/*_hessian_*.xyz)", "1/(eV/Å²)²"),
+            "dipole_derivative": Key(float, 0.0, "weight of the MSE of dipole derivatives (dμ/dx) v along the Hessian "
+                                                 "term's directions (IR intensities; needs the dipole head and "
+                                                 "dipole_derivative labels)", "1/e²"),
         },
     },
 }
@@ -187,7 +196,8 @@ def validate(config: dict) -> dict:
         raise ConfigError("data.train is required: the training files")
     if not 0.0 < config["data"]["valid_fraction"] < 1.0:
         raise ConfigError(f"data.valid_fraction must lie between 0 and 1, got {config['data']['valid_fraction']}")
-    for name in ("train.batch_size", "train.max_steps", "train.eval_every", "train.ensemble", "model.channels",
+    for name in ("train.batch_size", "train.max_steps", "train.eval_every", "train.ensemble",
+                 "train.hessian_directions", "model.channels",
                  "model.n_layers", "model.n_radial"):
         section, key = name.split(".")
         if config[section][key] < 1:

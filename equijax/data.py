@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from equijax import graph as graph_lib
@@ -107,8 +108,11 @@ class Dataset:
             on a leading axis, one per device, for data-parallel training.
 
     ``pad_to`` (set at construction to room for the largest possible
-    shard) may be raised afterwards, e.g. to the largest of several data
-    sets, so that all of them share one compiled function.
+    shard) and ``hessian_width`` (the largest structure with a Hessian
+    label; ``None`` without any) may be raised afterwards,
+    e.g. to the largest of several data sets, so that all of them share one
+    compiled function. Batches carry ``globals["index"]``, each structure's
+    position in ``structures``.
     """
 
     def __init__(self, structures: Sequence[Structure], cutoff: float, batch_size: int,
@@ -127,6 +131,11 @@ class Dataset:
         # room for the largest possible shard: one compilation for the whole run
         self.pad_to = graph_lib.pad_sizes(int(np.sort(atoms)[-per_shard:].sum()),
                                           int(np.sort(edges)[-per_shard:].sum()), per_shard)
+        # labels only some structures carry (Hessian data mixed with force data): always built, with masks
+        self.partial_labels = tuple(key for key in ("hessian", "dipole_derivative")
+                                    if any(key in (s.labels or {}) for s in self.structures))
+        with_hessians = [n for n, s in zip(atoms, self.structures) if "hessian" in (s.labels or {})]
+        self.hessian_width = int(max(with_hessians)) if with_hessians else None
 
     def __len__(self):
         return len(self.structures)
@@ -145,17 +154,25 @@ class Dataset:
     def batch(self, idx):
         shards = np.array_split(np.asarray(idx), self.n_shards)
         graphs = [
-            graph_lib.build_graph([self.structures[i] for i in part] or [], self.cutoff, pad_to=self.pad_to,
-                                  dtype=self.dtype, neighbour_lists=[self.neighbour_lists[i] for i in part])
-            if len(part) else self._empty()
+            self._with_index(graph_lib.build_graph(
+                [self.structures[i] for i in part] or [], self.cutoff, pad_to=self.pad_to, dtype=self.dtype,
+                neighbour_lists=[self.neighbour_lists[i] for i in part], hessian_width=self.hessian_width,
+                partial_labels=self.partial_labels), part)
+            if len(part) else self._with_index(self._empty(), [])
             for part in shards
         ]
         return graph_lib.stack_graphs(graphs)
 
+    def _with_index(self, g, part):
+        index = np.full(self.pad_to[2], -1, np.int32)
+        index[: len(part)] = part
+        return g._replace(globals={**g.globals, "index": jnp.asarray(index)})
+
     def _empty(self):
         # an all-padding shard, for a last batch with fewer structures than shards
         g = graph_lib.build_graph([self.structures[0]], self.cutoff, pad_to=self.pad_to, dtype=self.dtype,
-                                  neighbour_lists=[self.neighbour_lists[0]])
+                                  neighbour_lists=[self.neighbour_lists[0]], hessian_width=self.hessian_width,
+                                  partial_labels=self.partial_labels)
         g = g._replace(nodes={**g.nodes, "mask": g.nodes["mask"] & False},
                        edges={**g.edges, "mask": g.edges["mask"] & False},
                        globals={**g.globals, "mask": g.globals["mask"] & False})

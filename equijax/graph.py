@@ -21,6 +21,23 @@ Optional labels, present when every structure of the batch has them::
     globals["energy"]        (n_graph,)       eV
     globals["stress"]        (n_graph, 3, 3)  eV/Å³ (ASE sign convention)
     globals["dipole"]        (n_graph, 3)     e·Å
+    nodes["dipole_derivative"] (n_node, 3, 3) e: [a, i, c] = dμ_c / dx_ai
+    nodes["hessian"]         (n_node, 3, W, 3) eV/Å²: the atom's rows of its
+                             own structure's Hessian; column j is the j-th atom
+                             of that structure (zeros from its atom count to
+                             the width W, :func:`build_graph`'s hessian_width)
+
+A data set where only some structures carry ``hessian`` or
+``dipole_derivative`` labels (force data mixed with Hessian data) builds
+them as ``partial_labels``: the field is always there, zero where a
+structure has no label, and ``globals["<key>_mask"]`` (n_graph,) bool says
+which graphs have one.
+
+Optional bookkeeping, set by :meth:`equijax.data.Dataset.batch`::
+
+    globals["index"]         (n_graph,)   int32  the structure's position in its
+                                                 data set (-1 on padding); seeds
+                                                 per-structure random numbers
 
 An edge ``e`` carries a message from its sender ``j`` to its receiver ``i``;
 its vector is ``r_j - r_i + S_e @ cell`` (see :func:`edge_vectors`). Every
@@ -97,6 +114,14 @@ def from_ase(atoms, with_labels: bool = False) -> Structure:
         forces = results.get("forces", atoms.arrays.get("forces"))
         if forces is not None:
             labels["forces"] = np.asarray(forces, float)
+        if "hessian" in atoms.arrays:  # extxyz stores it as (N, 3N): rows (atom, xyz), columns (atom', xyz')
+            n = len(atoms)
+            hessian = np.asarray(atoms.arrays["hessian"], float)
+            if hessian.size != 9 * n * n:
+                raise ValueError(f"a Hessian label of {n} atoms has {hessian.size} values, not 9N² = {9 * n * n}")
+            labels["hessian"] = hessian.reshape(n, 3, n, 3)
+        if "dipole_derivative" in atoms.arrays:  # (N, 9): [a, 3 i + c] = dμ_c / dx_ai
+            labels["dipole_derivative"] = np.asarray(atoms.arrays["dipole_derivative"], float).reshape(-1, 3, 3)
         if "stress" in labels and labels["stress"].shape == (6,):
             from ase.stress import voigt_6_to_full_3x3_stress
 
@@ -239,6 +264,8 @@ def build_graph(
     pad_to: tuple[int, int, int] | None = None,
     dtype=np.float32,
     neighbour_lists: Sequence | None = None,
+    hessian_width: int | None = None,
+    partial_labels: Sequence[str] = (),
 ) -> jraph.GraphsTuple:
     """Batch structures into one padded :class:`jraph.GraphsTuple`.
 
@@ -253,6 +280,12 @@ def build_graph(
         dtype: float dtype of positions, shifts, cell and labels.
         neighbour_lists: precomputed :func:`neighbours` of each structure
             (structures already checked), to batch a data set repeatedly.
+        hessian_width: columns of ``nodes["hessian"]`` (atoms), at least the
+            largest structure; default: the largest structure of the batch.
+        partial_labels: of ``"hessian"``, ``"dipole_derivative"``: build
+            the field even where some or all structures lack the label,
+            with a ``globals["<key>_mask"]`` of the graphs that have it
+            (one pytree for every batch of a mixed data set).
 
     Raises:
         ValueError: bad input (see :func:`check_structure`, :func:`neighbours`)
@@ -326,11 +359,29 @@ def build_graph(
         forces = np.zeros((n_node, 3), dtype)
         forces[: real[0]] = np.concatenate([l["forces"] for l in labels])
         nodes["forces"] = forces
+    for key in partial_labels:
+        globals_[key + "_mask"] = np.array([key in l for l in labels] + [False] * (n_graph - real[2]))
+    if all("dipole_derivative" in l for l in labels) or "dipole_derivative" in partial_labels:
+        value = np.zeros((n_node, 3, 3), dtype)
+        for l, o, n in zip(labels, offsets, n_atoms):
+            if "dipole_derivative" in l:
+                value[o : o + n] = l["dipole_derivative"]
+        nodes["dipole_derivative"] = value
     for key, shape in (("energy", ()), ("stress", (3, 3)), ("dipole", (3,))):
         if all(key in l for l in labels):
             value = np.zeros((n_graph,) + shape, dtype)
             value[: real[2]] = np.stack([np.reshape(l[key], shape) for l in labels])
             globals_[key] = value
+    if all("hessian" in l for l in labels) or "hessian" in partial_labels:
+        width = int(n_atoms.max()) if hessian_width is None else hessian_width
+        labelled = [n for l, n in zip(labels, n_atoms) if "hessian" in l]
+        if labelled and width < max(labelled):
+            raise ValueError(f"hessian_width {width} is smaller than a structure of {max(labelled)} atoms")
+        hessian = np.zeros((n_node, 3, width, 3), dtype)
+        for l, o, n in zip(labels, offsets, n_atoms):
+            if "hessian" in l:
+                hessian[o : o + n, :, :n] = l["hessian"]
+        nodes["hessian"] = hessian
 
     to_jax = lambda tree: {k: jnp.asarray(v) for k, v in tree.items()}
     return jraph.GraphsTuple(

@@ -137,6 +137,30 @@ def hessian_vector_product(energy_fn: EnergyFn):
     return fn
 
 
+def energy_forces_hvp(energy_fn: EnergyFn):
+    """``(params, graph, v (k, n_node, 3)) -> (energy (n_graph,), forces (n_node, 3), H v (k, n_node, 3))``.
+
+    One forward and backward pass, linearised once (``jax.linearize`` of the
+    gradient) and pushed along k tangents: the forces and k Hessian-vector
+    products of a training step for the price of a few passes, no full
+    Hessian. ``H v`` is zero on padding atoms.
+    """
+
+    def fn(params, graph, v):
+        def grad(positions):
+            def total(p):
+                e = energy_fn(params, with_positions(graph, p))
+                return e.sum(), e
+
+            return jax.grad(total, has_aux=True)(positions)
+
+        g, push, e = jax.linearize(grad, graph.nodes["positions"], has_aux=True)
+        hv = jax.vmap(push)(v)
+        return e, _node_mask(graph, -g), jnp.where(graph.nodes["mask"][None, :, None], hv, 0.0)
+
+    return fn
+
+
 def hessian_columns(energy_fn: EnergyFn, atoms, batch_size: int = 16):
     """Partial Hessian: the columns of the given atoms only, by Hessian-vector products.
 

@@ -33,21 +33,94 @@ class LossWeights(NamedTuple):
 
     ``energy``: per-atom energy error, (eV/atom)²; ``forces``: force
     components, (eV/Å)²; ``stress``: stress components, (eV/Å³)²;
-    ``dipole``: dipole components, (e·Å)² (needs the model's dipole head).
+    ``dipole``: dipole components, (e·Å)² (needs the model's dipole head);
+    ``hessian``: components of Hessian-vector products ``H v`` along random
+    directions, (eV/Å²)² (needs ``nodes["hessian"]`` labels; see
+    :func:`hessian_directions`); ``dipole_derivative``: the dipole's
+    derivative along the same directions, ``(dμ/dx) v``, e² (needs the
+    dipole head and ``nodes["dipole_derivative"]`` labels; for IR).
     """
 
     energy: float = 1.0
     forces: float = 10.0
     stress: float = 0.0
     dipole: float = 0.0
+    hessian: float = 0.0
+    dipole_derivative: float = 0.0
 
 
-def _errors(energy_fn, with_stress, dipole_fn=None):
-    """``(params, graph) -> dict`` of summed absolute and squared errors and counts."""
+#: each error term and the count it is averaged over (the order of the loss's sum)
+_COUNTS = {"energy": "n_graphs", "forces": "n_force", "stress": "n_stress", "dipole": "n_dipole",
+           "hessian": "n_hessian", "dipole_derivative": "n_dipole_derivative"}
+
+
+def _graph_of_node(graph):
+    n = graph.nodes["mask"].shape[0]
+    return jnp.repeat(jnp.arange(graph.n_node.shape[0]), graph.n_node, total_repeat_length=n)
+
+
+def hessian_directions(graph, key, k: int):
+    """(k, n_node, 3) random directions for a Hessian-vector-product loss; zero on padding.
+
+    Standard normal components (identity covariance, Hutchinson's choice:
+    the expected squared error of ``H v`` is the squared Frobenius error of
+    ``H``, whatever the molecule's size). Each atom's numbers are drawn from
+    ``key`` folded with its structure's ``globals["index"]`` (else its
+    position in the batch) and its index within the structure, so they do
+    not depend on how a batch is split over shards or devices.
+    """
+    graph_of_node = _graph_of_node(graph)
+    first = jnp.cumsum(graph.n_node) - graph.n_node
+    local = jnp.arange(graph_of_node.shape[0]) - first[graph_of_node]
+    structure = graph.globals.get("index", jnp.arange(graph.n_node.shape[0]))[graph_of_node]
+    keys = jax.vmap(lambda s, a: jax.random.fold_in(jax.random.fold_in(key, s), a))(structure, local)
+    v = jax.vmap(lambda kk: jax.random.normal(kk, (k, 3)))(keys).swapaxes(0, 1)
+    return jnp.where(graph.nodes["mask"][None, :, None], v, 0.0).astype(graph.nodes["positions"].dtype)
+
+
+def reference_hvp(graph, v):
+    """(k, n_node, 3) products of the labelled Hessians (``nodes["hessian"]``) with directions ``v`` (k, n_node, 3)."""
+    h = graph.nodes["hessian"]  # (n_node, 3, W, 3): column j is atom j of the node's own structure
+    n, width = h.shape[0], h.shape[2]
+    graph_of_node = _graph_of_node(graph)
+    first = (jnp.cumsum(graph.n_node) - graph.n_node)[graph_of_node]
+    columns = first[:, None] + jnp.arange(width)[None, :]  # (n_node, W) global node index of column j
+    valid = jnp.arange(width)[None, :] < graph.n_node[graph_of_node][:, None]
+    vj = jnp.where(valid[None, :, :, None], v[:, jnp.clip(columns, 0, n - 1)], 0.0)  # (k, n_node, W, 3)
+    return jnp.einsum("iajb,kijb->kia", h, vj)
+
+
+def reference_dipole_derivative(graph, v):
+    """(k, n_graph, 3) ``(dμ/dx) v`` of the labelled dipole derivatives (``nodes["dipole_derivative"]``)."""
+    per_atom = jnp.einsum("aic,kai->akc", graph.nodes["dipole_derivative"], v)
+    n_graph = graph.n_node.shape[0]
+    return jax.ops.segment_sum(per_atom, _graph_of_node(graph), n_graph).swapaxes(0, 1)
+
+
+def _errors(energy_fn, with_stress, dipole_fn=None, hessian_directions_k: int = 0,
+            with_dipole_derivative: bool = False):
+    """``(params, graph, key) -> dict`` of summed absolute and squared errors and counts.
+
+    ``key`` seeds the ``hessian_directions_k`` random directions per
+    structure of the Hessian-vector products and, with
+    ``with_dipole_derivative``, of the dipole derivatives (needs
+    ``dipole_fn``); unused without them.
+    """
     derive = physics.energy_forces_stress(energy_fn) if with_stress else physics.energy_and_forces(energy_fn)
+    with_hvp = physics.energy_forces_hvp(energy_fn)
+    hvp = physics.hessian_vector_product(energy_fn)
 
-    def fn(params, graph):
-        out = derive(params, graph)
+    def fn(params, graph, key):
+        if hessian_directions_k:
+            v = hessian_directions(graph, key, hessian_directions_k)
+            if with_stress:
+                out = derive(params, graph)
+                hv = jax.vmap(lambda t: hvp(params, graph, t))(v)
+            else:  # energy, forces and H v from one linearised gradient
+                e, f, hv = with_hvp(params, graph, v)
+                out = (e, f)
+        else:
+            out = derive(params, graph)
         gmask, nmask = graph.globals["mask"], graph.nodes["mask"]
         de = jnp.where(gmask, (out[0] - graph.globals["energy"]) / jnp.maximum(graph.n_node, 1), 0.0)
         df = jnp.where(nmask[:, None], out[1] - graph.nodes["forces"], 0.0)
@@ -61,39 +134,61 @@ def _errors(energy_fn, with_stress, dipole_fn=None):
         if dipole_fn is not None:
             dd = jnp.where(gmask[:, None], dipole_fn(params, graph) - graph.globals["dipole"], 0.0)
             sums.update(dipole_sq=(dd**2).sum(), dipole_abs=jnp.abs(dd).sum(), n_dipole=3 * gmask.sum())
+        if hessian_directions_k:
+            # structures without a Hessian label (force data mixed in) do not count
+            labelled = graph.globals.get("hessian_mask", gmask)
+            hmask = nmask & labelled[_graph_of_node(graph)]
+            dh = jnp.where(hmask[None, :, None], hv - reference_hvp(graph, v), 0.0)
+            sums.update(hessian_sq=(dh**2).sum(), hessian_abs=jnp.abs(dh).sum(),
+                        n_hessian=3 * hessian_directions_k * hmask.sum())
+            if with_dipole_derivative:
+                def mu(positions):
+                    return dipole_fn(params, physics.with_positions(graph, positions))
+
+                _, push = jax.linearize(mu, graph.nodes["positions"])
+                dmask = gmask & graph.globals.get("dipole_derivative_mask", gmask)
+                dm = jnp.where(dmask[None, :, None], jax.vmap(push)(v) - reference_dipole_derivative(graph, v), 0.0)
+                sums.update(dipole_derivative_sq=(dm**2).sum(), dipole_derivative_abs=jnp.abs(dm).sum(),
+                            n_dipole_derivative=3 * hessian_directions_k * dmask.sum())
         return sums
 
     return fn
 
 
-def _summed(errors, params, stacked):
+def _summed(errors, params, stacked, key):
     if stacked.n_node.shape[0] == 1:
         # one shard: skip the vmap, whose size-1 batch axis makes XLA's CPU scatters slower
-        return errors(params, jax.tree_util.tree_map(lambda x: x[0], stacked))
-    per_shard = jax.vmap(errors, in_axes=(None, 0))(params, stacked)
+        return errors(params, jax.tree_util.tree_map(lambda x: x[0], stacked), key)
+    per_shard = jax.vmap(errors, in_axes=(None, 0, None))(params, stacked, key)
     return jax.tree_util.tree_map(lambda x: x.sum(0), per_shard)
 
 
-def loss_fn(energy_fn, weights: LossWeights = LossWeights(), dipole_fn=None):
-    """``(params, stacked_graph) -> (loss, metrics)``; ``dipole_fn`` is needed when ``weights.dipole > 0``."""
-    if weights.dipole > 0 and dipole_fn is None:
-        raise ValueError("a dipole weight needs the model's dipole function (model.dipole)")
-    errors = _errors(energy_fn, weights.stress > 0, dipole_fn if weights.dipole > 0 else None)
+def loss_fn(energy_fn, weights: LossWeights = LossWeights(), dipole_fn=None, hessian_directions_k: int = 1):
+    """``(params, stacked_graph, key) -> (loss, metrics)``.
 
-    def fn(params, stacked):
-        s = _summed(errors, params, stacked)
+    ``dipole_fn`` is needed when ``weights.dipole > 0``; ``key`` seeds the
+    ``hessian_directions_k`` random directions per structure of the Hessian
+    term (used only when ``weights.hessian > 0``).
+    """
+    if (weights.dipole > 0 or weights.dipole_derivative > 0) and dipole_fn is None:
+        raise ValueError("a dipole weight needs the model's dipole function (model.dipole)")
+    if weights.dipole_derivative > 0 and weights.hessian <= 0:
+        raise ValueError("the dipole-derivative term shares the Hessian term's directions: give a Hessian weight too")
+    errors = _errors(energy_fn, weights.stress > 0,
+                     dipole_fn if weights.dipole > 0 or weights.dipole_derivative > 0 else None,
+                     hessian_directions_k if weights.hessian > 0 else 0, weights.dipole_derivative > 0)
+
+    def fn(params, stacked, key=jax.random.PRNGKey(0)):
+        s = _summed(errors, params, stacked, key)
         e_mse = s["energy_sq"] / jnp.maximum(s["n_graphs"], 1)
         f_mse = s["forces_sq"] / jnp.maximum(s["n_force"], 1)
         loss = weights.energy * e_mse + weights.forces * f_mse
         metrics = {"energy_rmse": jnp.sqrt(e_mse), "forces_rmse": jnp.sqrt(f_mse)}
-        if weights.stress > 0:
-            s_mse = s["stress_sq"] / jnp.maximum(s["n_stress"], 1)
-            loss = loss + weights.stress * s_mse
-            metrics["stress_rmse"] = jnp.sqrt(s_mse)
-        if weights.dipole > 0:
-            d_mse = s["dipole_sq"] / jnp.maximum(s["n_dipole"], 1)
-            loss = loss + weights.dipole * d_mse
-            metrics["dipole_rmse"] = jnp.sqrt(d_mse)
+        for term, count in list(_COUNTS.items())[2:]:
+            if getattr(weights, term) > 0:
+                mse = s[term + "_sq"] / jnp.maximum(s[count], 1)
+                loss = loss + getattr(weights, term) * mse
+                metrics[term + "_rmse"] = jnp.sqrt(mse)
         metrics["loss"] = loss
         return loss, metrics
 
@@ -164,12 +259,18 @@ def init_state(params, opt: optax.GradientTransformation) -> TrainState:
 
 
 def train_step(energy_fn, opt: optax.GradientTransformation, weights: LossWeights = LossWeights(),
-               ema_decay: float = 0.99, dipole_fn=None):
-    """``(state, stacked_graph) -> (state, metrics)``: one step (jit it)."""
-    loss = loss_fn(energy_fn, weights, dipole_fn)
+               ema_decay: float = 0.99, dipole_fn=None, hessian_directions_k: int = 1, seed: int = 0):
+    """``(state, stacked_graph) -> (state, metrics)``: one step (jit it).
+
+    The Hessian term's directions are a function of ``seed``, the step
+    number and each structure's index: an exact resume draws the same ones.
+    """
+    loss = loss_fn(energy_fn, weights, dipole_fn, hessian_directions_k)
+    base = jax.random.PRNGKey(seed)
 
     def fn(state: TrainState, stacked):
-        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, stacked)
+        key = jax.random.fold_in(base, state.step)
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, stacked, key)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # warm the EMA up: short runs should not be dominated by the initial weights
@@ -199,28 +300,35 @@ def ensemble_train_step(step, strategy: str = "auto"):
     return lambda states, batch, active: mapped((states, active), batch)
 
 
-def evaluator(energy_fn, with_stress: bool = False, dipole_fn=None):
-    """``(params, stacked_graph) -> dict`` of summed errors (jit it); see :func:`metrics`."""
-    errors = _errors(energy_fn, with_stress, dipole_fn)
-    return lambda params, stacked: _summed(errors, params, stacked)
+def evaluator(energy_fn, with_stress: bool = False, dipole_fn=None, hessian_directions_k: int = 0,
+              with_dipole_derivative: bool = False):
+    """``(params, stacked_graph) -> dict`` of summed errors (jit it); see :func:`metrics`.
+
+    Hessian-vector products and dipole derivatives, when asked for, go along
+    fixed directions (a fixed key): successive evaluations compare like with
+    like.
+    """
+    errors = _errors(energy_fn, with_stress, dipole_fn, hessian_directions_k, with_dipole_derivative)
+    key = jax.random.PRNGKey(2**31 - 1)
+    return lambda params, stacked: _summed(errors, params, stacked, key)
 
 
 def metrics(sums: dict) -> dict:
-    """MAE and RMSE from summed errors: meV/atom, meV/Å, meV/Å³, me·Å (dipole)."""
+    """MAE and RMSE from summed errors: meV/atom, meV/Å, meV/Å³, me·Å (dipole), meV/Å² (``H v``), me (``dμ/dx v``)."""
     out = {}
-    for key, count in (("energy", "n_graphs"), ("forces", "n_force"), ("stress", "n_stress"), ("dipole", "n_dipole")):
-        if key + "_sq" in sums:
-            n = max(float(sums[count]), 1.0)
+    for key, count in _COUNTS.items():
+        if key + "_sq" in sums and float(sums[count]) > 0:  # a Hessian term on a set without Hessians: no entry
+            n = float(sums[count])
             out[f"{key}_mae"] = 1000 * float(sums[key + "_abs"]) / n
             out[f"{key}_rmse"] = 1000 * float(np.sqrt(float(sums[key + "_sq"]) / n))
     return out
 
 
 def evaluate(energy_fn, params, dataset, with_stress: bool = False, mesh: Mesh | None = None,
-             dipole_fn=None) -> dict:
+             dipole_fn=None, hessian_directions_k: int = 0, with_dipole_derivative: bool = False) -> dict:
     """Metrics of ``params`` over a whole :class:`equijax.data.Dataset`."""
     out = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
-    fn = jax.jit(evaluator(energy_fn, with_stress, dipole_fn), **out)
+    fn = jax.jit(evaluator(energy_fn, with_stress, dipole_fn, hessian_directions_k, with_dipole_derivative), **out)
     total = None
     for batch in dataset.batches():
         if mesh is not None:
@@ -421,7 +529,14 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         for line in changes:
             log(f"resuming with a changed config: {line}")
 
-    structures = io.read_many(config_lib.data_paths(dc["train"]), species=dc["species"])
+    with_hessian = tc["weights"]["hessian"] > 0
+    with_dmu = tc["weights"]["dipole_derivative"] > 0
+    require = ("energy", "forces") + (("dipole",) if with_dmu or tc["weights"]["dipole"] > 0 else ())
+    structures = io.read_many(config_lib.data_paths(dc["train"]), species=dc["species"], require=require)
+    for key, wanted in (("hessian", with_hessian), ("dipole_derivative", with_dmu)):
+        if wanted and not any(key in s.labels for s in structures):  # force data may be mixed in
+            raise ValueError(f"train.weights.{key} > 0 but no training frame has a {key} label "
+                             f"(make them with experiments/make_data.py --hessians)")
     rng = np.random.default_rng(tc["seed"])
     order = rng.permutation(len(structures))
     n_valid = max(1, int(round(dc["valid_fraction"] * len(structures))))
@@ -441,6 +556,15 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                 f"train.ensemble={n_members}: restart with --restart or keep train.ensemble={model_cfg.members}")
         model_cfg = model_cfg.replace(members=1, backend=mc["backend"])  # an execution choice: may change
         log(f"resuming from {ckpt_path} at step {int(np.max(resumed['step']))}")
+    elif tc["init"]:
+        init_path = config_lib.data_paths(tc["init"])[0]
+        start, start_params, _ = checkpoint.load_model(init_path)
+        if start.config.members != 1 or n_members != 1:
+            raise config_lib.ConfigError("train.init fine-tunes one model: give a single model's file and "
+                                         "train.ensemble=1")
+        model_cfg = start.config.replace(backend=mc["backend"])  # its architecture and energy shifts
+        log(f"fine-tuning {init_path}: {len(train)} training, {len(valid)} validation frames; "
+            f"species {list(model_cfg.species)} (the model section of the config is not used)")
     else:
         base = NequIPConfig.from_dict({**{k: v for k, v in mc.items() if v is not None}, "species": (1,)})
         use_e0s = dc["energy_shift"] == "e0s" or (dc["energy_shift"] == "auto" and dc["e0s"] is not None)
@@ -465,11 +589,15 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     bs = tc["batch_size"]
     train_set = data_lib.Dataset(train, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
     valid_set = data_lib.Dataset(valid, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
+    if with_hessian:  # one width of Hessian rows and the same label fields: one compiled step and evaluator
+        train_set.hessian_width = valid_set.hessian_width = max(train_set.hessian_width or 1,
+                                                                valid_set.hessian_width or 1)
+        valid_set.partial_labels = train_set.partial_labels
     steps_per_epoch = max(train_set.num_batches(drop_last=True), 1)
     max_steps = tc["max_steps"]
     weights = LossWeights(**tc["weights"])
     with_stress = weights.stress > 0
-    dipole_fn = model.dipole if weights.dipole > 0 else None
+    dipole_fn = model.dipole if weights.dipole > 0 or with_dmu else None
     opt = optimizer(tc["learning_rate"], tc["warmup_steps"], max_steps, tc["schedule"], tc["clip_norm"])
     plateaus = [Plateau(tc["plateau_patience"], tc["plateau_factor"], stop_patience=tc["early_stopping_patience"])
                 for _ in range(n_members)]
@@ -481,6 +609,8 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         saved = resumed["plateau"] if ensemble_run else [resumed["plateau"]]
         for p, d in zip(plateaus, saved):
             p.load_state_dict(d)
+    elif tc["init"]:
+        state = init_state(start_params, opt)
     elif ensemble_run:
         state = ensemble.stack([init_state(initial_params(model, jax.random.PRNGKey(tc["seed"] + k)), opt)
                                 for k in range(n_members)])
@@ -488,8 +618,15 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         state = init_state(initial_params(model, jax.random.PRNGKey(tc["seed"])), opt)
     state = replicate(state, mesh)
     replicated = NamedSharding(mesh, P())  # states and metrics: every process holds all of them
-    single_step = train_step(model.energy, opt, weights, tc["ema_decay"], dipole_fn)
-    single_eval = evaluator(model.energy, with_stress, dipole_fn)
+    k_directions = tc["hessian_directions"] if with_hessian else 0
+    single_step = train_step(model.energy, opt, weights, tc["ema_decay"], dipole_fn, tc["hessian_directions"],
+                             tc["seed"])
+    single_eval = evaluator(model.energy, with_stress, dipole_fn, k_directions, with_dmu)
+    # model selection on energy + force RMSE; a Hessian term counts in force units as the loss weighs it
+    h_factor = float(np.sqrt(weights.hessian / weights.forces)) if with_hessian and weights.forces > 0 else 1.0
+
+    def criterion(v):
+        return v["forces_rmse"] + v["energy_rmse"] + h_factor * v.get("hessian_rmse", 0.0)
     if ensemble_run:
         step_fn = _ensemble_step_fn(single_step, tc["ensemble_strategy"], n_members, mesh)
         eval_fn = jax.jit(ensemble.over_members(single_eval, tc["ensemble_strategy"]), out_shardings=replicated)
@@ -579,7 +716,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                     for k, (p, vk) in enumerate(zip(plateaus, members)):
                         if stopped[k]:
                             continue
-                        factors[k], better, stopped[k] = p.update(vk["forces_rmse"] + vk["energy_rmse"], factors[k])
+                        factors[k], better, stopped[k] = p.update(criterion(vk), factors[k])
                         if better:
                             ema_now = host(state.ema_params) if ema_now is None else ema_now
                             best = jax.tree_util.tree_map(lambda b, e: _set_row(b, k, e[k]), best, ema_now)
@@ -592,8 +729,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                     extra = {"valid_members": members, "stopped": [bool(x) for x in stopped]}
                 else:
                     v = validate(state.ema_params)
-                    factor, improved, stop = plateaus[0].update(v["forces_rmse"] + v["energy_rmse"],
-                                                                lr_factor(state.opt_state))
+                    factor, improved, stop = plateaus[0].update(criterion(v), lr_factor(state.opt_state))
                     if tc["schedule"] == "plateau":
                         state = state._replace(opt_state=set_lr_factor(state.opt_state, factor))
                     extra = {}
@@ -604,7 +740,8 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     bar.write(f"step {step:6d}  valid{' (mean of members)' if ensemble_run else ''}: "
-                              f"E MAE {v['energy_mae']:.2f} meV/atom, F MAE {v['forces_mae']:.1f} meV/Å; "
+                              f"E MAE {v['energy_mae']:.2f} meV/atom, F MAE {v['forces_mae']:.1f} meV/Å"
+                              + (f", Hv MAE {v['hessian_mae'] / 1000:.3f} eV/Å²" if "hessian_mae" in v else "") + "; "
                               f"{speed['structures_per_s']:.0f} structures/s, {speed['atoms_per_s']:.0f} atoms/s")
                 if improved:
                     export(members if ensemble_run else v)
@@ -627,10 +764,13 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
             multihost_utils.sync_global_devices("equijax: model file written")
         best_model, local_params, _ = checkpoint.load_model(output / MODEL_NAME)
         best_params = replicate(local_params, mesh)
-        test = io.read_many(config_lib.data_paths(dc["test"]), species=model_cfg.species)
+        test = io.read_many(config_lib.data_paths(dc["test"]), species=model_cfg.species, require=require)
         test_set = data_lib.Dataset(test, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
+        if with_hessian:
+            test_set.hessian_width = max(test_set.hessian_width or 1, train_set.hessian_width)
+            test_set.partial_labels = train_set.partial_labels
         result["test"] = evaluate(best_model.energy, best_params, test_set, with_stress, mesh,
-                                  best_model.dipole if dipole_fn is not None else None)
+                                  best_model.dipole if dipole_fn is not None else None, k_directions, with_dmu)
         forces = np.concatenate([s.labels["forces"].ravel() for s in test])
         result["test"]["zero_force_mae"] = 1000 * float(np.abs(forces).mean())
         result["n_test"] = len(test)

@@ -161,6 +161,9 @@ SHARDED = textwrap.dedent("""
                                dtype="float64")
     model = equijax.nequip(cfg)
     out = {}
+    with_h = (io.read(folder / "ethanol_hessian_test.xyz.gz", index=":5", require=("hessian",))
+              + io.read(folder / "aspirin_hessian_test.xyz.gz", index=":2", require=("hessian",)))
+    hessian_set = {n: data.Dataset(with_h, cfg.cutoff, 4, cfg.species, n_shards=n, dtype=np.float64) for n in (1, 4)}
     for n in (1, 4):
         mesh = training.data_mesh(jax.devices()[:n])
         ds = data.Dataset(structures, cfg.cutoff, 7, cfg.species, n_shards=n, dtype=np.float64)
@@ -185,6 +188,14 @@ SHARDED = textwrap.dedent("""
         for batch in ds.batches(shuffle=True, seed=0):
             states, m = step2(states, training.shard(batch, mesh), np.ones(2, bool))
             out["ensemble_%d" % n].append(np.asarray(m["loss"]).tolist())
+        # the Hessian-vector-product term: its random directions follow the structures, not the shards
+        step_h = jax.jit(training.train_step(model.energy, opt, training.LossWeights(1.0, 10.0, hessian=0.1), 0.99,
+                                             None, 2, seed=5))
+        state = training.replicate(training.init_state(model.init(jax.random.PRNGKey(0)), opt), mesh)
+        out["hessian_%d" % n] = []
+        for batch in hessian_set[n].batches(shuffle=True, seed=0):
+            state, m = step_h(state, training.shard(batch, mesh))
+            out["hessian_%d" % n].append([float(m["loss"]), float(m["hessian_rmse"])])
     print(json.dumps(out))
 """)
 
@@ -199,6 +210,7 @@ def test_sharded_training_matches_single_device_on_uneven_shards():
     assert any(len(set(s)) > 1 for s in out["shard_atoms_4"])  # shards of different atom counts
     np.testing.assert_allclose(out["4"], out["1"], rtol=1e-10)
     np.testing.assert_allclose(out["ensemble_4"], out["ensemble_1"], rtol=1e-10)
+    np.testing.assert_allclose(out["hessian_4"], out["hessian_1"], rtol=1e-10)
     for a, b in zip(out["params_4"], out["params_1"]):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
