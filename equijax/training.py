@@ -593,7 +593,10 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         train_set.hessian_width = valid_set.hessian_width = max(train_set.hessian_width or 1,
                                                                 valid_set.hessian_width or 1)
         valid_set.partial_labels = train_set.partial_labels
-    steps_per_epoch = max(train_set.num_batches(drop_last=True), 1)
+    if train_set.num_batches(drop_last=True) == 0:  # else the loop would wait forever for a full batch
+        raise ValueError(f"{len(train)} training frames are fewer than train.batch_size={bs}: "
+                         "lower the batch size or give more frames")
+    steps_per_epoch = train_set.num_batches(drop_last=True)
     max_steps = tc["max_steps"]
     weights = LossWeights(**tc["weights"])
     with_stress = weights.stress > 0

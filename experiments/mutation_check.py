@@ -25,6 +25,42 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name: (file, original text, mutated text, tests that must fail)
 MUTATIONS = {
+    "hessian_directions_by_shard_position": (
+        "equijax/training.py",
+        'structure = graph.globals.get("index", jnp.arange(graph.n_node.shape[0]))[graph_of_node]',
+        "structure = graph_of_node  # BUG: directions follow the position in the shard, not the structure",
+        ["tests/test_training.py::test_sharded_training_matches_single_device_on_uneven_shards"],
+    ),
+    "reference_hvp_without_structure_offsets": (
+        "equijax/training.py",
+        "first = (jnp.cumsum(graph.n_node) - graph.n_node)[graph_of_node]",
+        "first = jnp.zeros_like(graph_of_node)  # BUG: columns index the batch, not the node's structure",
+        ["tests/test_hessian_training.py::test_loss_is_zero_on_the_models_own_hessians_and_blind_to_padding"],
+    ),
+    "reference_hvp_reads_past_its_structure": (
+        "equijax/training.py",
+        "vj = jnp.where(valid[None, :, :, None], v[:, jnp.clip(columns, 0, n - 1)], 0.0)",
+        "vj = v[:, jnp.clip(columns, 0, n - 1)]  # BUG: columns beyond the structure's atoms are used",
+        ["tests/test_hessian_training.py::test_loss_is_zero_on_the_models_own_hessians_and_blind_to_padding"],
+    ),
+    "fd_hessian_over_delta": (
+        "equijax/vibrations.py",
+        "h[:, :, a, i] = -(forces[0] - forces[1]) / (2 * delta)",
+        "h[:, :, a, i] = -(forces[0] - forces[1]) / delta  # BUG: central difference over one step",
+        ["tests/test_hessian_training.py::test_reference_hessian_is_ases_finite_difference_hessian"],
+    ),
+    "normal_mode_samples_not_mass_weighted": (
+        "equijax/vibrations.py",
+        "sample.positions = atoms.positions + (inv_sqrt_m * (vectors @ q)).reshape(n, 3)",
+        "sample.positions = atoms.positions + (vectors @ q).reshape(n, 3)  # BUG: mass-weighted amplitudes as Å",
+        ["tests/test_hessian_training.py::test_normal_mode_samples_have_the_harmonic_thermal_energy"],
+    ),
+    "finetune_ignores_init": (
+        "equijax/training.py",
+        "        state = init_state(start_params, opt)",
+        '        state = init_state(initial_params(model, jax.random.PRNGKey(tc["seed"])), opt)  # BUG: fresh start',
+        ["tests/test_hessian_training.py::test_finetune_starts_from_the_given_model"],
+    ),
     "parity_mislabelled": (
         "equijax/models.py",
         "irreps_sh = e3nn.Irreps.spherical_harmonics(config.l_max)  # 0e + 1o + 2e + ...",
@@ -47,7 +83,7 @@ MUTATIONS = {
     "mean_of_shard_means": (
         "equijax/training.py",
         "    return jax.tree_util.tree_map(lambda x: x.sum(0), per_shard)",
-        "    per = {'energy': 'n_graphs', 'forces': 'n_force', 'stress': 'n_stress', 'dipole': 'n_dipole'}\n"
+        "    per = {'energy': 'n_graphs', 'forces': 'n_force', 'stress': 'n_stress', 'dipole': 'n_dipole', 'hessian': 'n_hessian'}\n"
         "    count = lambda k: per_shard[per[k.split('_')[0]]]\n"
         "    # BUG: a mean of per-shard means (every shard weighs the same, whatever its size)\n"
         "    return {k: v.sum(0) if k.startswith('n_') else (v / jnp.maximum(count(k), 1)).mean(0) * count(k).sum(0)\n"

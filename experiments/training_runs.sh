@@ -2,7 +2,7 @@
 # The training runs behind the README's result tables, on this machine; each result lands in
 # experiments/results/ (result.json files name the machine). About 20 minutes on 2 CPU cores.
 #   bash experiments/training_runs.sh            # everything
-#   bash experiments/training_runs.sh default    # one group: default | metals | dipole
+#   bash experiments/training_runs.sh default    # one group: default | metals | dipole | hessian
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=experiments/results
@@ -31,7 +31,24 @@ if [[ $what == all || $what == dipole ]]; then
   timed equijax train train.weights.dipole=1.0 --output runs/dipole --restart --no-progress 2>&1 | tail -9 \
     | tee "$R/dipole_run.log"
   cp runs/dipole/result.json "$R/dipole_run.json"
-  python experiments/vibrations_study.py --checkpoint runs/dipole/model.npz --parts ab
+  python experiments/vibrations_study.py --checkpoint runs/dipole/model.npz --parts a
   equijax vibrate runs/dipole/model.npz experiments/workloads/aspirin.xyz --relax --ir \
     --output experiments/results/aspirin_vibrations
+fi
+if [[ $what == all || $what == hessian ]]; then
+  # Hessian fine-tuning of the dipole model, and its control: the same run without the Hessian terms
+  # (equal training time); then both against GFN2-xTB (part b)
+  timed equijax train equijax/configs/hessian_finetune.yaml --output runs/finetune --restart --no-progress 2>&1 \
+    | tail -11 | tee "$R/finetune_run.log"
+  cp runs/finetune/result.json "$R/finetune_run.json"
+  timed equijax train equijax/configs/hessian_finetune.yaml train.weights.hessian=0.0 \
+    train.weights.dipole_derivative=0.0 --output runs/finetune_control --restart --no-progress 2>&1 | tail -9 \
+    | tee "$R/finetune_control_run.log"
+  cp runs/finetune_control/result.json "$R/finetune_control_run.json"
+  # the Hessian term alone (no dipole-derivative term): which term costs force accuracy
+  equijax train equijax/configs/hessian_finetune.yaml train.weights.dipole_derivative=0.0 \
+    --output runs/finetune_d0 --restart --no-progress 2>&1 | tail -9
+  python experiments/vibrations_study.py --parts b --compare before=runs/dipole/model.npz \
+    control=runs/finetune_control/model.npz after=runs/finetune/model.npz no_dmu=runs/finetune_d0/model.npz
+  python experiments/hessian_loss_cost.py
 fi

@@ -2,19 +2,25 @@
 
 (a) autodiff Hessian vs ASE's finite-difference ``Vibrations`` run through our
     own calculator, on the same trained model: largest frequency difference.
-(b) a model trained on GFN2-xTB MD (energies, forces, dipoles) against
-    GFN2-xTB's own harmonic frequencies and IR intensities (ASE ``Vibrations``
-    and ``Infrared`` with tblite), each at its own relaxed geometry; modes
-    matched by order.
+(b) models (before and after Hessian fine-tuning) against GFN2-xTB's own
+    harmonic frequencies and IR intensities (central-difference Hessian and
+    dipole derivative of tblite, :func:`equijax.vibrations.vibrate_reference`),
+    each at its own relaxed geometry, modes paired by eigenvector overlap
+    (:func:`equijax.vibrations.match_modes`), for the trained molecules and
+    for molecules never trained on; also each model at GFN2-xTB's minimum
+    (the curvature error alone), and the force errors on the 500 K test
+    frames.
 (c) time and peak memory of the Hessian against the number of atoms: dense,
     chunked (32 columns at a time) and finite differences through the
     calculator (ASE, 4 displacements per coordinate), each in a fresh process;
     "none" is the same process without a Hessian (imports, model, structure),
     whose peak RSS is the baseline.
 
-Usage (after ``equijax train train.weights.dipole=1.0 --output runs/dipole``)::
+Usage (after ``equijax train train.weights.dipole=1.0 --output runs/dipole`` and
+``equijax train equijax/configs/hessian_finetune.yaml --output runs/finetune``)::
 
-    python experiments/vibrations_study.py --checkpoint runs/dipole/model.npz
+    python experiments/vibrations_study.py --checkpoint runs/dipole/model.npz \
+        --compare before=runs/dipole/model.npz after=runs/finetune/model.npz
 """
 
 from __future__ import annotations
@@ -54,13 +60,11 @@ def _fd_vibrations(atoms, calc, ir=False):
     return freqs, intensities
 
 
-def part_a_b(checkpoint_path, fmax=1e-4):
+def part_a(checkpoint_path, fmax=1e-4):
+    """(a) autodiff vs ASE finite differences through our calculator, same model and geometry."""
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    from ase.optimize import BFGS
-    from tblite.ase import TBLite
-
     from equijax import checkpoint, vibrations
     from equijax.calculator import EquijaxCalculator
 
@@ -69,29 +73,69 @@ def part_a_b(checkpoint_path, fmax=1e-4):
 
     model, params, _ = checkpoint.load_model(checkpoint_path)
     rows = []
-    for name, smiles in SMILES.items():
-        start = from_smiles(smiles)
-        ours = vibrations.vibrate(model, params, start, relax=True, fmax=fmax, ir=True)
-        f_ad, modes = ours.normal_modes()
-        ir_ad = ours.ir_intensities()
+    for name in ("ethanol", "aspirin"):
+        ours = vibrations.vibrate(model, params, from_smiles(SMILES[name]), relax=True, fmax=fmax)
+        f_ad, _ = ours.normal_modes()
         model64, params64 = vibrations.float64_model(model, params)
         f_fd, _ = _fd_vibrations(ours.atoms, EquijaxCalculator(model=model64, params=params64))
         f_fd = np.sort(f_fd[np.argsort(np.abs(f_fd))][ours.n_rigid:])  # drop the rigid-body modes
-        ref_atoms = start.copy()
-        ref_atoms.calc = TBLite(method="GFN2-xTB", verbosity=0)
-        BFGS(ref_atoms, logfile=None).run(fmax=fmax, steps=1000)
-        f_ref, ir_ref = _fd_vibrations(ref_atoms, TBLite(method="GFN2-xTB", verbosity=0), ir=True)
-        order = np.argsort(np.abs(f_ref))
-        f_ref, ir_ref = f_ref[order][ours.n_rigid:], ir_ref[order][ours.n_rigid:]
-        rows.append({
-            "molecule": name, "atoms": len(start), "modes": len(f_ad),
-            "autodiff_vs_fd_max_cm": float(np.max(np.abs(np.sort(f_ad) - f_fd))),
-            "vs_gfn2_freq_mae_cm": float(np.mean(np.abs(np.sort(f_ad) - np.sort(f_ref)))),
-            "vs_gfn2_ir_mae_km_mol": float(np.mean(np.abs(ir_ad[np.argsort(f_ad)] - ir_ref[np.argsort(f_ref)]))),
-            "gfn2_ir_mean_km_mol": float(np.mean(ir_ref)),
-            "imaginary_modes_model": int((f_ad < 0).sum()),
-        })
+        rows.append({"molecule": name, "atoms": len(ours.atoms), "modes": len(f_ad),
+                     "autodiff_vs_fd_max_cm": float(np.max(np.abs(np.sort(f_ad) - f_fd)))})
         print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def compare(reference, result) -> dict:
+    """Frequency and IR errors of ``result`` against ``reference``, modes paired by eigenvector overlap."""
+    from equijax import vibrations
+
+    f_ref, m_ref = reference.normal_modes()
+    f, m = result.normal_modes()
+    index, overlap = vibrations.match_modes(m_ref, m)
+    ir_ref, ir = reference.ir_intensities(), result.ir_intensities()
+    by_order = np.mean(np.abs(np.sort(f) - np.sort(f_ref)))
+    return {"freq_mae_cm": float(np.mean(np.abs(f[index] - f_ref))), "freq_mae_by_order_cm": float(by_order),
+            "freq_max_cm": float(np.max(np.abs(f[index] - f_ref))), "ir_mae_km_mol": float(np.mean(np.abs(ir[index] - ir_ref))),
+            "ir_ref_mean_km_mol": float(np.mean(ir_ref)), "mean_overlap": float(np.mean(overlap)),
+            "imaginary_modes": int((f < 0).sum())}
+
+
+def part_b(checkpoints, molecules, fmax=1e-4):
+    """(b) each model against GFN2-xTB's own harmonic analysis, each at its own minimum; test force errors."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    from tblite.ase import TBLite
+
+    from equijax import checkpoint, config as config_lib, data, io, training, vibrations
+
+    sys.path.insert(0, str(HERE))
+    from make_data import SMILES as ALL, from_smiles
+
+    references = {}
+    for name in molecules:
+        t0 = time.perf_counter()
+        references[name] = vibrations.vibrate_reference(from_smiles(ALL[name]), TBLite(method="GFN2-xTB", verbosity=0),
+                                                        fmax=fmax, ir=True)
+        print(f"GFN2-xTB {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    rows = []
+    for label, path in checkpoints.items():
+        model, params, _ = checkpoint.load_model(path)
+        for name in molecules:
+            ours = vibrations.vibrate(model, params, from_smiles(ALL[name]), relax=True, fmax=fmax, ir=True)
+            # the same at GFN2-xTB's minimum: the curvature error alone, without the geometry's
+            there = vibrations.vibrate(model, params, references[name].atoms, relax=False, ir=True)
+            at_ref = {f"at_reference_minimum_{k}": v for k, v in compare(references[name], there).items()
+                      if k in ("freq_mae_cm", "ir_mae_km_mol")}
+            rows.append({"model": label, "checkpoint": str(path), "molecule": name,
+                         "in_training": name in ("ethanol", "aspirin"), **compare(references[name], ours), **at_ref})
+            print(json.dumps(rows[-1]), flush=True)
+        for name in ("ethanol", "aspirin"):  # forces on the 500 K MD test frames of the default job
+            test = io.read(config_lib.PACKAGE / "data" / f"{name}_test.xyz")
+            m = training.evaluate(model.energy, params, data.Dataset(test, model.config.cutoff, 8, model.config.species))
+            rows.append({"model": label, "checkpoint": str(path), "molecule": name, "test_set": f"{name}_test.xyz",
+                         "forces_mae_mev_a": m["forces_mae"], "energy_mae_mev_atom": m["energy_mae"]})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -160,7 +204,11 @@ def part_c(checkpoint_path, copies, dense_max_atoms=100, methods=("none", "dense
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=Path("runs/dipole/model.npz"))
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/dipole/model.npz"), help="model of (a), (c)")
+    parser.add_argument("--compare", nargs="+", default=["before=runs/dipole/model.npz", "after=runs/finetune/model.npz"],
+                        metavar="LABEL=MODEL", help="models of (b)")
+    parser.add_argument("--molecules", nargs="+", default=["ethanol", "aspirin", "malonaldehyde", "salicylic_acid"],
+                        help="molecules of (b); those beyond ethanol and aspirin were never trained on")
     parser.add_argument("--copies", type=int, nargs="+", default=[1, 2, 4, 8], help="aspirin copies for (c)")
     parser.add_argument("--parts", default="abc")
     parser.add_argument("--methods", nargs="+", default=["none", "dense", "chunked", "fd"])
@@ -172,8 +220,11 @@ def main(argv=None):
         print("RESULT " + json.dumps(part_c_worker(args.worker[0], int(args.worker[1]), args.checkpoint)), flush=True)
         return
     out = json.loads(args.out.read_text()) if args.out.exists() else {}  # keep the parts not rerun
-    if "a" in args.parts or "b" in args.parts:
-        out["validation"] = part_a_b(args.checkpoint)
+    out.pop("validation", None)  # (a) and (b) of equijax 0.2's first release, modes matched by order
+    if "a" in args.parts:
+        out["autodiff_vs_fd"] = part_a(args.checkpoint)
+    if "b" in args.parts:
+        out["vs_gfn2"] = part_b(dict(c.split("=", 1) for c in args.compare), args.molecules)
     if "c" in args.parts:
         out["scaling"] = part_c(args.checkpoint, args.copies, args.dense_max_atoms, args.methods)
     args.out.parent.mkdir(parents=True, exist_ok=True)

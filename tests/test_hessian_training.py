@@ -163,7 +163,8 @@ def test_finetune_starts_from_the_given_model(tmp_path, capsys):
     cli.main(["train", str(config_lib.PACKAGE / "configs" / "hessian_finetune.yaml"), "--init",
               str(first / "model.npz"), "data.train=[data/ethanol_hessian_test.xyz.gz]",
               "data.test=[data/ethanol_hessian_test.xyz.gz]", "data.max_train=6", "model.channels=8",
-              "train.max_steps=2", "train.eval_every=2", "train.learning_rate=0.0", "--output", str(finetuned),
+              "train.max_steps=2", "train.eval_every=2", "train.batch_size=4", "train.learning_rate=0.0",
+              "--output", str(finetuned),
               "--no-progress"])
     text = capsys.readouterr().out
     assert "H·v" in text and "dμ/dx·v" in text
@@ -172,4 +173,10 @@ def test_finetune_starts_from_the_given_model(tmp_path, capsys):
     for a, b in zip(jax.tree_util.tree_leaves(after[1]), jax.tree_util.tree_leaves(before[1])):
         np.testing.assert_allclose(a, b, rtol=1e-6)  # float32 EMA of a constant: rounding only
     result = json.loads((finetuned / "result.json").read_text())
+    # 6 frames cannot fill a batch of 8: a clear error, not a loop that waits forever
+    with pytest.raises(SystemExit):
+        cli.main(["train", str(config_lib.PACKAGE / "configs" / "hessian_finetune.yaml"), "--init",
+                  str(first / "model.npz"), "data.train=[data/ethanol_hessian_test.xyz.gz]", "data.max_train=6",
+                  "--output", str(tmp_path / "small"), "--no-progress"])
+    assert "fewer than train.batch_size=8" in capsys.readouterr().err
     assert result["test"]["hessian_mae"] > 0 and result["test"]["dipole_derivative_mae"] > 0
