@@ -32,6 +32,27 @@ shipped set (ethanol and aspirin, 120 train + 30 test frames each) was made by::
 
 in 2 min 20 s on 2 cores (0.1 s per ethanol Hessian, 0.7 s per aspirin Hessian).
 
+Many molecules (``--qm9 N``): N distinct molecules drawn at random (seed 0)
+from QM9's 133,885 B3LYP equilibrium geometries (PyPI ``qm9pack``, MIT; H, C,
+N, O, F, up to 9 heavy atoms), each run for 30 fs of GFN2-xTB Langevin MD at
+500 K (0.5 fs steps, Maxwell-Boltzmann start) and labelled at four frames
+10 fs apart (energy, forces, dipole; same settings as above). Splits are by
+molecule, fixed by a molecule's place in the random draw (so a smaller N is
+a subset of a larger one): 1 in 20 validation, 3 in 20 test molecules (never
+trained on), the rest training molecules, whose fourth frame is held out as
+the by-frame test. Written as ``qm9_{train,valid,test_molecules,test_frames}.xyz.gz``
+with each frame's ``mol_id`` (QM9 index) and ``smiles``. The work is done in
+chunks of 50 molecules written atomically to ``--work`` (default
+``OUT/qm9_chunks``), so a killed run resumes where it stopped. The full set
+(3000 molecules, 12,000 frames) is not in git::
+
+    python experiments/make_data.py --qm9 3000 --out data/qm9
+
+and the sample shipped for tests and the default many-molecule config
+(400 molecules, the first 400 of the same draw) is assembled from its chunks::
+
+    python experiments/make_data.py --qm9 400 --out equijax/data --work data/qm9/qm9_chunks
+
 Outputs extended XYZ files ``{name}_train.xyz`` and ``{name}_test.xyz``, and
 ``e0s_gfn2-xtb.json`` and ``e0s_emt.json`` (eV).
 
@@ -121,7 +142,7 @@ def run_md(atoms, calc, temperature, n_frames, stride, equilibrate, seed, timest
     dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature, friction=friction / units.fs, rng=rng)
     dyn.run(equilibrate)
     frames = []
-    for _ in tqdm(range(n_frames), desc=label, leave=False, mininterval=5):
+    for _ in tqdm(range(n_frames), desc=label, leave=False, mininterval=5, disable=not label):
         dyn.run(stride)
         atoms.get_forces()
         frames.append(_frozen_copy(atoms))
@@ -247,6 +268,97 @@ def isolated_atoms(out, molecular=("H", "C", "N", "O", "F"), metals=("Cu", "Ni")
     return "isolated atoms: " + ", ".join(files)
 
 
+QM9_CHUNK = 50
+
+
+def qm9_table():
+    """QM9 (qm9pack's CSV files): ``(index, smiles, symbols, positions Å)`` for every molecule."""
+    import csv
+    import json
+    import re
+
+    try:
+        import qm9pack
+    except ImportError as e:
+        raise SystemExit("--qm9 needs the QM9 geometries: pip install qm9pack") from e
+    folder = Path(qm9pack.__file__).parent / "data"
+    csv.field_size_limit(1 << 30)
+    table = []
+    for part in ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv"):
+        with open(folder / part, newline="") as f:
+            for row in csv.DictReader(f):
+                # JSON, not eval: the CSV holds lists of floats and quoted symbols
+                symbols = json.loads(row["Elements"].replace("'", '"'))
+                positions = json.loads(re.sub(r"\.(?=[,\]])", ".0", row["XYZ_Ang"]))  # "0." is not JSON
+                table.append((int(row["Index"]), row["SMILES"], symbols, positions))
+    return table
+
+
+def qm9_split(rank: int) -> str:
+    """Split of the molecule at place ``rank`` of the random draw."""
+    return {0: "valid", 1: "test_molecules", 2: "test_molecules", 3: "test_molecules"}.get(rank % 20, "train")
+
+
+def qm9_chunk_job(args):
+    """Label one chunk of molecules; write it atomically; skip it if it exists."""
+    chunk, molecules, work = args
+    import ase.io
+    from ase import Atoms
+    from tblite.ase import TBLite
+
+    path = Path(work) / f"chunk_{chunk:05d}.xyz.gz"
+    if path.exists():
+        return chunk, 0
+    frames, failed = [], 0
+    for rank, (index, smiles, symbols, positions) in molecules:
+        try:
+            calc = TBLite(method="GFN2-xTB", verbosity=0)
+            md = run_md(Atoms(symbols, positions=positions), calc, 500.0, 4, 20, 20, seed=index,
+                        label="")
+        except Exception:  # an SCF that does not converge: the molecule is left out and counted
+            failed += 1
+            continue
+        for k, frame in enumerate(md):
+            frame.info.update(mol_id=index, smiles=smiles, rank=rank, frame=k)
+            frames.append(frame)
+    tmp = path.with_suffix(".tmp.gz")
+    ase.io.write(tmp, frames, format="extxyz")
+    os.replace(tmp, path)  # atomic: a killed run never leaves half a chunk
+    return chunk, failed
+
+
+def qm9_main(n_molecules, out, work, processes):
+    import ase.io
+    from tqdm import tqdm
+
+    work = Path(work or Path(out) / "qm9_chunks")
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    table = qm9_table()
+    order = np.random.default_rng(0).permutation(len(table))[:n_molecules]
+    chunks = [(c, [(r, table[order[r]]) for r in range(c * QM9_CHUNK, min((c + 1) * QM9_CHUNK, n_molecules))],
+               work) for c in range(-(-n_molecules // QM9_CHUNK))]
+    failed = 0
+    with Pool(processes) as pool:
+        for _, f in tqdm(pool.imap_unordered(qm9_chunk_job, chunks), total=len(chunks), desc="QM9 chunks",
+                         unit="chunk"):
+            failed += f
+    splits = {"train": [], "valid": [], "test_molecules": [], "test_frames": []}
+    for c, molecules, _ in chunks:
+        for frame in ase.io.read(work / f"chunk_{c:05d}.xyz.gz", index=":"):
+            if frame.info["rank"] >= n_molecules:
+                continue
+            split = qm9_split(frame.info["rank"])
+            if split == "train" and frame.info["frame"] == 3:
+                split = "test_frames"
+            splits[split].append(frame)
+    for split, frames in splits.items():
+        ase.io.write(Path(out) / f"qm9_{split}.xyz.gz", frames, format="extxyz")
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    print(f"QM9: {n_molecules} molecules ({failed} left out: no SCF convergence), frames: {sizes}; "
+          f"{time.time() - t0:.0f} s; files in {out}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("equijax/data"), help="output folder")
@@ -260,9 +372,13 @@ def main(argv=None):
     parser.add_argument("--metal-test", type=int, default=5, help="metal frames per system and temperature (test)")
     parser.add_argument("--hessians", action="store_true",
                         help="instead: Hessian-labelled frames {name}_hessian_{train,test}.xyz")
+    parser.add_argument("--qm9", type=int, metavar="N", help="instead: N QM9 molecules, split by molecule")
+    parser.add_argument("--work", type=Path, help="--qm9: folder of the restartable chunks (default OUT/qm9_chunks)")
     parser.add_argument("--processes", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.qm9:
+        return qm9_main(args.qm9, args.out, args.work, args.processes)
 
     job = hessian_job if args.hessians else molecule_job
     jobs = [(job, (m, args.train, args.test, args.stride, args.equilibrate, args.out)) for m in args.molecules]
