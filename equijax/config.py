@@ -46,7 +46,13 @@ SCHEMA: dict = {
         "train": Key("paths", None, "training files (.xyz/.extxyz, rMD17 .npz, ASE .db); relative paths: "
                                     "working directory first, then the installed package"),
         "test": Key("paths", None, "test files, evaluated with the best parameters at the end", optional=True),
-        "valid_fraction": Key(float, 0.1, "fraction of the training frames held out for validation"),
+        "valid": Key("paths", None, "validation files (e.g. held-out molecules); default: data.valid_fraction "
+                                    "of the training frames", optional=True),
+        "valid_fraction": Key(float, 0.1, "fraction of the training frames held out for validation "
+                                          "(when data.valid is not given)"),
+        "lazy": Key(bool, False, "read frames from disk when a batch needs them (memory bounded by "
+                                 "data.cache_size, not by the data set) instead of loading every file"),
+        "cache_size": Key(int, 4096, "lazy reading: parsed frames kept in memory", "frames"),
         "max_train": Key(int, None, "use at most this many training frames (learning curves)", optional=True),
         "species": Key("ints", None, "atomic numbers the model knows (default: those in the training data)",
                        optional=True),
@@ -80,7 +86,17 @@ SCHEMA: dict = {
                        "parameters do not depend on it"),
     },
     "train": {
-        "batch_size": Key(int, 8, "structures per step (split over all devices)"),
+        "batch_size": Key(int, 8, "structures per step (split over all devices); with budget batching, the "
+                                  "mean number the budget is sized for"),
+        "batching": Key(("fixed", "budget"), "fixed",
+                        "fixed: batch_size structures per step, padded for the largest possible batch; "
+                        "budget: structures packed per device until a node/edge budget is reached, one "
+                        "static padded size, every structure once per epoch (varied molecules)"),
+        "budget_nodes": Key(int, None, "budget batching: atoms per device and step (default: batch_size times "
+                                       "the mean, at least the largest structure)", "atoms", optional=True),
+        "budget_edges": Key(int, None, "budget batching: edges per device and step (default as for nodes)",
+                            "edges", optional=True),
+        "prefetch": Key(int, 2, "batches built ahead on a worker thread while the device runs (0: none)"),
         "max_steps": Key(int, 4000, "optimiser steps"),
         "learning_rate": Key(float, 0.01, "peak learning rate of Adam"),
         "warmup_steps": Key(int, 50, "linear warm-up steps"),

@@ -424,13 +424,14 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def shard(stacked, mesh: Mesh):
+def shard(stacked, mesh: Mesh, local: bool = False):
     """Split a stacked batch's leading (shard) axis over the mesh.
 
-    Every host builds the same global batch (same files, same seed); on
-    several hosts each one hands over only the shards of its own devices
-    (``jax.devices()`` lists devices process by process), and JAX assembles
-    the global array.
+    With ``local=False`` every host holds the same global batch (same
+    files, same seed); on several hosts each one hands over only the shards
+    of its own devices (``jax.devices()`` lists devices process by process).
+    With ``local=True`` the batch holds only this process's shards (it built
+    nothing else). JAX assembles the global array.
     """
     sharding = NamedSharding(mesh, P("data"))
     if jax.process_count() == 1:
@@ -438,11 +439,13 @@ def shard(stacked, mesh: Mesh):
     per_host = jax.local_device_count()
     start = jax.process_index() * per_host
 
-    def local(x):
+    def local_part(x):
         x = np.asarray(x)
+        if local:
+            return jax.make_array_from_process_local_data(sharding, x, (mesh.size,) + x.shape[1:])
         return jax.make_array_from_process_local_data(sharding, x[start : start + per_host], x.shape)
 
-    return jax.tree_util.tree_map(local, stacked)
+    return jax.tree_util.tree_map(local_part, stacked)
 
 
 # ------------------------------------------------------------------ the loop
@@ -504,7 +507,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
 
     from tqdm.auto import tqdm
 
-    from equijax import checkpoint, config as config_lib, data as data_lib, io
+    from equijax import checkpoint, config as config_lib, data as data_lib, io, loader
     from equijax.models import NequIPConfig, nequip
 
     config = config_lib.validate(config)
@@ -532,19 +535,25 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     with_hessian = tc["weights"]["hessian"] > 0
     with_dmu = tc["weights"]["dipole_derivative"] > 0
     require = ("energy", "forces") + (("dipole",) if with_dmu or tc["weights"]["dipole"] > 0 else ())
-    structures = io.read_many(config_lib.data_paths(dc["train"]), species=dc["species"], require=require)
+
+    def read(paths, species=dc["species"]):
+        if dc["lazy"]:  # frames parsed when a batch needs them
+            return loader.open_files(config_lib.data_paths(paths), species, require, dc["cache_size"])
+        return io.read_many(config_lib.data_paths(paths), species=species, require=require)
+
+    structures = read(dc["train"])
     for key, wanted in (("hessian", with_hessian), ("dipole_derivative", with_dmu)):
         if wanted and not any(key in s.labels for s in structures):  # force data may be mixed in
             raise ValueError(f"train.weights.{key} > 0 but no training frame has a {key} label "
                              f"(make them with experiments/make_data.py --hessians)")
     rng = np.random.default_rng(tc["seed"])
     order = rng.permutation(len(structures))
-    n_valid = max(1, int(round(dc["valid_fraction"] * len(structures))))
+    n_valid = 0 if dc["valid"] else max(1, int(round(dc["valid_fraction"] * len(structures))))
     if dc["max_train"]:
         order = np.concatenate([order[:n_valid], order[n_valid : n_valid + int(dc["max_train"])]])
-    valid = [structures[i] for i in order[:n_valid]]
-    train = [structures[i] for i in order[n_valid:]]
-    if not train:
+    valid = read(dc["valid"]) if dc["valid"] else loader.subset(structures, order[:n_valid])
+    train = loader.subset(structures, order[n_valid:])
+    if not len(train):
         raise ValueError(f"no training frames left after holding out {n_valid} for validation")
 
     n_members = tc["ensemble"]
@@ -571,7 +580,10 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         if use_e0s and dc["e0s"] is None:
             raise config_lib.ConfigError("data.energy_shift=e0s needs data.e0s (isolated-atom energies)")
         e0s = config_lib.read_e0s(dc["e0s"]) if use_e0s else None
-        stats = data_lib.statistics(train, base.cutoff, dc["species"], e0s)
+        # the model knows every element of the training and validation frames (a rare one may be in valid only)
+        species = dc["species"] or sorted({int(z) for part in (train, valid) for st in part
+                                           for z in np.unique(st.atomic_numbers)})
+        stats = data_lib.statistics(train, base.cutoff, species, e0s)
         if stats.warning:
             log(stats.warning)
         model_cfg = base.replace(species=stats.species, energy_shift=stats.energy_shift,
@@ -587,8 +599,16 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     mesh = data_mesh()
     dtype = np.float64 if model_cfg.dtype == "float64" else np.float32
     bs = tc["batch_size"]
-    train_set = data_lib.Dataset(train, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
-    valid_set = data_lib.Dataset(valid, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
+    if tc["batching"] == "budget":
+        budget = "auto"
+        if tc["budget_nodes"] or tc["budget_edges"]:
+            auto = data_lib.Dataset(train, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype, "auto").budget
+            budget = loader.Budget(tc["budget_nodes"] or auto.nodes, tc["budget_edges"] or auto.edges, auto.graphs)
+    else:
+        budget = None
+    train_set = data_lib.Dataset(train, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype, budget)
+    # validation in fixed batches of the same padded size: one evaluator compilation
+    valid_set = data_lib.Dataset(valid, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype, train_set.budget)
     if with_hessian:  # one width of Hessian rows and the same label fields: one compiled step and evaluator
         train_set.hessian_width = valid_set.hessian_width = max(train_set.hessian_width or 1,
                                                                 valid_set.hessian_width or 1)
@@ -596,7 +616,15 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     if train_set.num_batches(drop_last=True) == 0:  # else the loop would wait forever for a full batch
         raise ValueError(f"{len(train)} training frames are fewer than train.batch_size={bs}: "
                          "lower the batch size or give more frames")
-    steps_per_epoch = train_set.num_batches(drop_last=True)
+
+    def epoch_plan(epoch):  # a function of (seed, epoch) only: a resumed run replays the same batches
+        return train_set.plan(shuffle=True, seed=tc["seed"] * 100_003 + epoch, drop_last=True)
+
+    steps_per_epoch = len(epoch_plan(0))
+    if train_set.budget is not None:
+        b = train_set.budget
+        log(f"budget batching: up to {b.nodes} atoms, {b.edges} edges, {b.graphs} structures per device and step; "
+            f"{steps_per_epoch} steps per epoch")
     max_steps = tc["max_steps"]
     weights = LossWeights(**tc["weights"])
     with_stress = weights.stress > 0
@@ -678,26 +706,42 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
         stale.unlink()
     t0 = time.time()
     def new_window():  # throughput is measured over the training steps between validations
-        return {"start": time.time(), "steps": 0, "structures": 0, "atoms": 0}
+        return {"start": time.time(), "steps": 0, "structures": 0, "atoms": 0, "wait_s": 0.0,
+                "padding": np.zeros(4)}
+
+    # each process builds and reads only the shards of its own devices
+    n_local, first_local = jax.local_device_count(), jax.process_index() * jax.local_device_count()
+    several = jax.process_count() > 1
+
+    def make_batch(step_shards):
+        mine = step_shards[first_local : first_local + n_local] if several else step_shards
+        return step_shards, shard(train_set.build(mine), mesh, local=several)
 
     window = new_window()
     bar = tqdm(total=max_steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1.0)
     stop = False
+    epoch, skip = 0, step
+    plan = epoch_plan(0)
+    while skip >= len(plan):  # where a resumed run stands: epochs may differ in length (budget batching)
+        skip -= len(plan)
+        epoch += 1
+        plan = epoch_plan(epoch)
     while step < max_steps and not stop:
-        epoch, skip = divmod(step, steps_per_epoch)
-        for k, batch in enumerate(train_set.batches(shuffle=True, seed=tc["seed"] * 100_003 + epoch,
-                                                    drop_last=True)):
-            if k < skip:
-                continue
+        batches = loader.Prefetcher(plan[skip:], make_batch, tc["prefetch"])
+        waited = 0.0
+        for step_shards, batch in batches:
             if ensemble_run:
-                state, m = step_fn(state, shard(batch, mesh), active)
+                state, m = step_fn(state, batch, active)
             else:
-                state, m = step_fn(state, shard(batch, mesh))
+                state, m = step_fn(state, batch)
             step += 1
             window["steps"] += 1
-            window["structures"] += int(np.sum(batch.globals["mask"]))
-            window["atoms"] += int(np.sum(batch.nodes["mask"]))
+            window["structures"] += sum(len(p) for p in step_shards)
+            window["atoms"] += int(sum(train_set.n_atoms[np.asarray(p, np.int64)].sum() for p in step_shards))
+            window["padding"] += train_set.padding(step_shards)
+            window["wait_s"] += batches.wait_s - waited
+            waited = batches.wait_s
             if step % 10 == 0 or step == max_steps:
                 m = host(m)
                 bar.set_postfix(loss=f"{float(np.mean(m['loss'])):.4f}",
@@ -709,8 +753,11 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
             if step % eval_every == 0 or step == max_steps:
                 jax.block_until_ready(state)
                 seconds = time.time() - window["start"]  # training steps only (the first window: compilation too)
+                real_n, pad_n, real_e, pad_e = window["padding"]
                 speed = {"structures_per_s": window["structures"] / seconds, "atoms_per_s": window["atoms"] / seconds,
-                         "ms_per_step": 1e3 * seconds / max(window["steps"], 1)}
+                         "ms_per_step": 1e3 * seconds / max(window["steps"], 1),
+                         "node_fill": real_n / pad_n, "edge_fill": real_e / pad_e,
+                         "data_wait_fraction": window["wait_s"] / seconds}
                 if ensemble_run:
                     members = validate(state.ema_params)
                     factors = np.array(lr_factor(state.opt_state), dtype=float)
@@ -745,13 +792,18 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                     bar.write(f"step {step:6d}  valid{' (mean of members)' if ensemble_run else ''}: "
                               f"E MAE {v['energy_mae']:.2f} meV/atom, F MAE {v['forces_mae']:.1f} meV/Å"
                               + (f", Hv MAE {v['hessian_mae'] / 1000:.3f} eV/Å²" if "hessian_mae" in v else "") + "; "
-                              f"{speed['structures_per_s']:.0f} structures/s, {speed['atoms_per_s']:.0f} atoms/s")
+                              f"{speed['structures_per_s']:.0f} structures/s, {speed['atoms_per_s']:.0f} atoms/s, "
+                              f"padding: {100 * speed['node_fill']:.0f}% of node and {100 * speed['edge_fill']:.0f}% "
+                              f"of edge slots real, waited for data {100 * speed['data_wait_fraction']:.1f}% of the time")
                 if improved:
                     export(members if ensemble_run else v)
                 save()
                 window = new_window()
             if step >= max_steps or stop:
                 break
+        batches.close()
+        epoch, skip = epoch + 1, 0
+        plan = epoch_plan(epoch)
     bar.close()
     if stop:
         log(f"early stopping at step {step}: no validation improvement for {plateaus[0].stop_patience} evaluations"
@@ -767,15 +819,15 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
             multihost_utils.sync_global_devices("equijax: model file written")
         best_model, local_params, _ = checkpoint.load_model(output / MODEL_NAME)
         best_params = replicate(local_params, mesh)
-        test = io.read_many(config_lib.data_paths(dc["test"]), species=model_cfg.species, require=require)
-        test_set = data_lib.Dataset(test, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype)
+        test = read(dc["test"], model_cfg.species)
+        test_set = data_lib.Dataset(test, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype, train_set.budget)
         if with_hessian:
             test_set.hessian_width = max(test_set.hessian_width or 1, train_set.hessian_width)
             test_set.partial_labels = train_set.partial_labels
         result["test"] = evaluate(best_model.energy, best_params, test_set, with_stress, mesh,
                                   best_model.dipole if dipole_fn is not None else None, k_directions, with_dmu)
-        forces = np.concatenate([s.labels["forces"].ravel() for s in test])
-        result["test"]["zero_force_mae"] = 1000 * float(np.abs(forces).mean())
+        abs_f = [(float(np.abs(s.labels["forces"]).sum()), s.labels["forces"].size) for s in test]
+        result["test"]["zero_force_mae"] = 1000 * sum(a for a, _ in abs_f) / sum(n for _, n in abs_f)
         result["n_test"] = len(test)
         if ensemble_run:  # every member in one mapped pass of the compiled evaluator
             result["test_members"] = validate(best_params, test_set)

@@ -25,6 +25,31 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name: (file, original text, mutated text, tests that must fail)
 MUTATIONS = {
+    "budget_pack_ignores_edges": (
+        "equijax/loader/batching.py",
+        "if nodes + a[k] > budget.nodes or edges + e[k] > budget.edges or k - start == budget.graphs:",
+        "if nodes + a[k] > budget.nodes or k - start == budget.graphs:  # BUG: the edge budget is not checked",
+        ["tests/test_loader.py::test_budget_plan_stays_within_budget_and_covers_every_structure_once"],
+    ),
+    "budget_plan_drops_the_last_shard": (
+        "equijax/loader/batching.py",
+        "    if start < len(order):\n        shards.append(order[start:])",
+        "    pass  # BUG: the last, partly filled shard is lost",
+        ["tests/test_loader.py::test_budget_plan_stays_within_budget_and_covers_every_structure_once"],
+    ),
+    "lazy_cache_keyed_by_position_in_subset": (
+        "equijax/loader/sources.py",
+        "        return self.source[int(self.indices[k])]",
+        "        return self.source[int(k)]  # BUG: a view reads the k-th frame of the file, not its k-th index",
+        ["tests/test_loader.py::test_lazy_reading_larger_than_the_cache_gives_the_same_batches"],
+    ),
+    "resume_assumes_equal_epochs": (
+        "equijax/training.py",
+        "    while skip >= len(plan):",
+        "    epoch, skip = divmod(step, steps_per_epoch)  # BUG: budget epochs differ in length\n"
+        "    plan = epoch_plan(epoch)\n    while skip >= len(plan):",
+        ["tests/test_loader.py::test_budget_batched_lazy_run_resumes_exactly_after_a_kill"],
+    ),
     "hessian_directions_by_shard_position": (
         "equijax/training.py",
         'structure = graph.globals.get("index", jnp.arange(graph.n_node.shape[0]))[graph_of_node]',

@@ -3,7 +3,8 @@
 Contract: two processes on this machine (one CPU device each, JAX's
 distributed runtime with a local coordinator, gloo collectives) give the
 losses and parameters of one process with two devices on the same global
-batches; only process 0 writes files; a run killed in both processes
+batches (packed to a budget from lazily read frames, each process building
+only the shards of its own devices); only process 0 writes files; a run killed in both processes
 resumes from the checkpoint across processes and ends where the
 uninterrupted run ends.
 """
@@ -22,7 +23,9 @@ from equijax import checkpoint
 
 OVERRIDES = ["data.train=[data/ethanol_train.xyz]", "data.test=null", "data.max_train=16", "data.valid_fraction=0.2",
              "model.channels=4", "model.n_layers=1", "model.radial_hidden=[8]", "train.batch_size=4",
-             "train.max_steps=10", "train.eval_every=4", "train.warmup_steps=2"]
+             "train.max_steps=10", "train.eval_every=4", "train.warmup_steps=2",
+             # the scale path: frames read lazily, packed to a budget, each process building only its own shards
+             "train.batching=budget", "data.lazy=true"]
 
 # stage 1: the API in both processes, killed at step 6 (last checkpoint: step 4); counts who wrote what
 KILLED = textwrap.dedent("""
