@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from equijax import graph as graph_lib
@@ -108,6 +107,12 @@ def statistics(structures: Sequence[Structure], cutoff: float, species: Sequence
                       n_edges / n_atoms, force_rms, warning)
 
 
+def _to_jax(tree):
+    import jax
+
+    return jax.tree_util.tree_map(jax.numpy.asarray, tree)
+
+
 class Dataset:
     """Labelled structures, neighbour lists, and padded batches of one static size.
 
@@ -193,16 +198,16 @@ class Dataset:
         return n // self.batch_size if drop_last else -(-n // self.batch_size)
 
     def batches(self, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> Iterator:
-        """Yield stacked padded graphs ``(n_shards, ...)``, each of ``self.pad_to`` sizes."""
+        """Yield stacked padded graphs ``(n_shards, ...)``, each of ``self.pad_to`` sizes (JAX arrays)."""
         for step in self.plan(shuffle, seed, drop_last):
-            yield self.build(step)
+            yield _to_jax(self.build(step))
 
     def batch(self, idx):
-        """The stacked batch of the structures ``idx``, split evenly over the shards."""
-        return self.build(np.array_split(np.asarray(idx), self.n_shards))
+        """The stacked batch of the structures ``idx``, split evenly over the shards (JAX arrays)."""
+        return _to_jax(self.build(np.array_split(np.asarray(idx), self.n_shards)))
 
     def build(self, shards) -> "jraph.GraphsTuple":
-        """Stacked padded graphs ``(len(shards), ...)``: one per list of indices in ``shards``."""
+        """Stacked padded graphs ``(len(shards), ...)``: one per list of indices in ``shards`` (NumPy arrays)."""
         graphs = []
         for part in shards:
             part = np.asarray(part, np.int64)
@@ -214,8 +219,9 @@ class Dataset:
                    else [self.neighbour_lists[int(i)] for i in part])
             graphs.append(self._with_index(graph_lib.build_graph(
                 structures, self.cutoff, pad_to=self.pad_to, dtype=self.dtype, neighbour_lists=nls,
-                hessian_width=self.hessian_width, partial_labels=self.partial_labels), part))
-        return graph_lib.stack_graphs(graphs)
+                hessian_width=self.hessian_width, partial_labels=self.partial_labels, as_numpy=True), part))
+        # NumPy until here: the caller moves the whole batch to the devices in one transfer
+        return graph_lib.stack_graphs(graphs, as_numpy=True)
 
     def padding(self, shards) -> tuple[int, int, int, int]:
         """``(real nodes, padded nodes, real edges, padded edges)`` of the step ``shards``."""
@@ -226,7 +232,7 @@ class Dataset:
     def _with_index(self, g, part):
         index = np.full(self.pad_to[2], -1, np.int32)
         index[: len(part)] = part
-        return g._replace(globals={**g.globals, "index": jnp.asarray(index)})
+        return g._replace(globals={**g.globals, "index": index})
 
     def _empty(self):
         # an all-padding shard, for a last batch with fewer structures than shards
@@ -234,7 +240,7 @@ class Dataset:
         nl = graph_lib.neighbours(s, self.cutoff) if self.lazy else self.neighbour_lists[0]
         g = graph_lib.build_graph([s], self.cutoff, pad_to=self.pad_to, dtype=self.dtype,
                                   neighbour_lists=[nl], hessian_width=self.hessian_width,
-                                  partial_labels=self.partial_labels)
+                                  partial_labels=self.partial_labels, as_numpy=True)
         g = g._replace(nodes={**g.nodes, "mask": g.nodes["mask"] & False},
                        edges={**g.edges, "mask": g.edges["mask"] & False},
                        globals={**g.globals, "mask": g.globals["mask"] & False})

@@ -266,6 +266,7 @@ def build_graph(
     neighbour_lists: Sequence | None = None,
     hessian_width: int | None = None,
     partial_labels: Sequence[str] = (),
+    as_numpy: bool = False,
 ) -> jraph.GraphsTuple:
     """Batch structures into one padded :class:`jraph.GraphsTuple`.
 
@@ -286,6 +287,9 @@ def build_graph(
             the field even where some or all structures lack the label,
             with a ``globals["<key>_mask"]`` of the graphs that have it
             (one pytree for every batch of a mixed data set).
+        as_numpy: leave the fields as NumPy arrays (a loader that stacks
+            many graphs and moves them to the device once; a JAX array
+            operation would queue behind the running step).
 
     Raises:
         ValueError: bad input (see :func:`check_structure`, :func:`neighbours`)
@@ -383,15 +387,16 @@ def build_graph(
                 hessian[o : o + n, :, :n] = l["hessian"]
         nodes["hessian"] = hessian
 
-    to_jax = lambda tree: {k: jnp.asarray(v) for k, v in tree.items()}
+    array = np.asarray if as_numpy else jnp.asarray
+    to_jax = lambda tree: {k: array(v) for k, v in tree.items()}
     return jraph.GraphsTuple(
         nodes=to_jax(nodes),
         edges=to_jax(edges),
-        senders=jnp.asarray(senders),
-        receivers=jnp.asarray(receivers),
+        senders=array(senders),
+        receivers=array(receivers),
         globals=to_jax(globals_),
-        n_node=jnp.asarray(count_node),
-        n_edge=jnp.asarray(count_edge),
+        n_node=array(count_node),
+        n_edge=array(count_edge),
     )
 
 
@@ -400,11 +405,11 @@ def padded_sizes(graph: jraph.GraphsTuple) -> tuple[int, int, int]:
     return graph.nodes["mask"].shape[0], graph.senders.shape[0], graph.n_node.shape[0]
 
 
-def stack_graphs(graphs: Sequence[jraph.GraphsTuple]) -> jraph.GraphsTuple:
+def stack_graphs(graphs: Sequence[jraph.GraphsTuple], as_numpy: bool = False) -> jraph.GraphsTuple:
     """Stack equally padded graphs along a new leading axis (for ``vmap``)."""
     import jax
 
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *graphs)
+    return jax.tree_util.tree_map(lambda *xs: (np.stack if as_numpy else jnp.stack)(xs), *graphs)
 
 
 def node_graph_index(graph: jraph.GraphsTuple):

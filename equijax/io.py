@@ -8,12 +8,18 @@ elements or NaN labels.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io as io_lib
+import lzma
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from equijax.graph import Structure, check_structure, from_ase
+
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 #: keys of the rMD17 NPZ layout, and their units there
 NPZ_KEYS = ("nuclear_charges", "coords", "energies", "forces")
@@ -52,7 +58,13 @@ def read(path, index: str = ":", species: Sequence[int] | None = None,
         elif suffix in (".xyz", ".extxyz", ".db", ".json", ".traj"):
             import ase.io
 
-            frames = ase.io.read(path, index=index)
+            if path.suffix.lower() in _OPENERS:
+                # ASE seeks back and forth in the file, and every seek in a compressed stream decompresses
+                # from the start (quadratic: minutes for 7000 frames): decompress once, into memory
+                with _OPENERS[path.suffix.lower()](path, "rt") as f:
+                    frames = ase.io.read(io_lib.StringIO(f.read()), index=index, format="extxyz")
+            else:
+                frames = ase.io.read(path, index=index)
             structures = [from_ase(a, with_labels=True) for a in frames]
         else:
             raise ValueError(f"unknown file type {suffix!r}; use .xyz/.extxyz, .npz or .db")
@@ -60,7 +72,7 @@ def read(path, index: str = ":", species: Sequence[int] | None = None,
         if str(err).startswith(str(path)):
             raise
         raise ValueError(f"{path}: malformed or truncated file ({err})") from err
-    except (IndexError, KeyError, StopIteration, EOFError, OSError) as err:
+    except (IndexError, KeyError, StopIteration, EOFError, OSError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: malformed or truncated file ({type(err).__name__}: {err})") from err
     if not structures:
         raise ValueError(f"{path}: no frames")

@@ -35,18 +35,28 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def _read(path):
+    import gzip
+    import io
+
+    import ase.io
+
+    with gzip.open(path, "rt") as f:  # ASE seeks in the file: slow in a gzip stream
+        return ase.io.read(io.StringIO(f.read()), index=":", format="extxyz")
+
+
 def _subsets(data: Path, n_molecules: int, work: Path):
     """Training frames of the first ``n_molecules`` training molecules, and their held-out frames."""
     import ase.io
 
     work.mkdir(parents=True, exist_ok=True)
-    train = ase.io.read(data / "qm9_train.xyz.gz", index=":")
-    ids = sorted({a.info["mol_id"] for a in train}, key=lambda i: next(a.info["rank"] for a in train
-                                                                       if a.info["mol_id"] == i))
+    train = _read(data / "qm9_train.xyz.gz")
+    rank = {a.info["mol_id"]: a.info["rank"] for a in train}
+    ids = sorted(rank, key=rank.get)
     if n_molecules > len(ids):
         raise SystemExit(f"{data} has only {len(ids)} training molecules")
     keep = set(ids[:n_molecules])
-    frames = ase.io.read(data / "qm9_test_frames.xyz.gz", index=":")
+    frames = _read(data / "qm9_test_frames.xyz.gz")
     paths = {"train": work / f"train_{n_molecules}.xyz", "test_frames": work / f"test_frames_{n_molecules}.xyz"}
     ase.io.write(paths["train"], [a for a in train if a.info["mol_id"] in keep], format="extxyz")
     ase.io.write(paths["test_frames"], [a for a in frames if a.info["mol_id"] in keep], format="extxyz")
@@ -89,7 +99,8 @@ def _overrides(data, train, l_max, steps, channels, extra=()):
     return [f"data.train=[{train}]", f"data.valid=[{data / 'qm9_valid.xyz.gz'}]", "data.test=null",
             f"data.e0s={HERE.parent / 'equijax/data/e0s_gfn2-xtb.json'}", "train.batching=budget",
             "train.batch_size=16", f"train.max_steps={steps}", f"train.eval_every={max(steps // 8, 1)}",
-            "train.early_stopping_patience=100", f"model.l_max={l_max}", f"model.channels={channels}", *extra]
+            "train.early_stopping_patience=100", "train.weights.energy=100",  # as configs/qm9.yaml
+            f"model.l_max={l_max}", f"model.channels={channels}", *extra]
 
 
 def main(argv=None):
