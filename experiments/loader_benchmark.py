@@ -75,6 +75,26 @@ def main(argv=None):
               f"{100 * r['node_fill']:.0f}% / {100 * r['edge_fill']:.0f}% | {100 * r['data_wait_fraction']:.1f}% |")
 
 
+def _nequix_dataset(nequix_data, db_path, species):
+    """nequix's AseDBDataset, opened as its constructor would with ASE < 3.29.
+
+    nequix 0.4.5 passes ``readonly=True`` to ``ase.db.connect`` and reads
+    ``db.ids``, neither of which ASE 3.29 has; only the opening is redone
+    here, its reading (``_get_graph_dict``) and loader are nequix's own.
+    """
+    import ase.db
+    import numpy as np
+
+    ds = nequix_data.AseDBDataset.__new__(nequix_data.AseDBDataset)
+    nequix_data.Dataset.__init__(ds, backend="jax")
+    ds.atomic_indices = nequix_data.atomic_numbers_to_indices(species)
+    ds.file_path, ds.cutoff = Path(db_path), 5.0
+    ds.dbs = [ase.db.connect(str(db_path), use_lock_file=False)]
+    ds.db_ids = [[row.id for row in db.select()] for db in ds.dbs]
+    ds.id_cumulative = np.cumsum([len(ids) for ids in ds.db_ids])
+    return ds
+
+
 def loaders(args):
     """Structures/s and padding of one epoch, loader alone: equijax (lazy db and extxyz) and nequix."""
     import ase.db
@@ -126,7 +146,7 @@ def loaders(args):
         print("nequix is not installed (pip install nequix): its loader is skipped")
     else:
         t = time.perf_counter()
-        ds = nequix_data.AseDBDataset(str(db_path), species, cutoff=5.0)
+        ds = _nequix_dataset(nequix_data, db_path, species)
         structures = io.read(db_path)
         n_atoms = np.array([len(s.positions) for s in structures])
         from equijax import graph as graph_lib

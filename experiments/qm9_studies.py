@@ -189,6 +189,13 @@ def _plot(results, png):
                   label=f"l_max={l_max}, unseen molecules")
         ax.loglog(x, [r["test"]["held_out_frames"]["forces_mae"] for r in rs], "s--", color=colour,
                   label=f"l_max={l_max}, held-out frames")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers, not powers of ten
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xticks([450, 1800, 7200])
+    ax.set_yticks([180, 200, 220, 240, 260])
     ax.set_xlabel("training frames (3 per molecule)")
     ax.set_ylabel("force MAE (meV/Å)")
     ax.set_title("QM9 molecules, GFN2-xTB, 500 K MD")
