@@ -129,7 +129,8 @@ class Dataset:
             on a leading axis, one per device, for data-parallel training.
         budget: ``None``: ``batch_size`` structures per step, padded for
             the largest possible shard. A :class:`equijax.loader.Budget` or
-            ``"auto"`` (:func:`equijax.loader.budget_for`): every shard
+            ``"auto"`` (:func:`equijax.loader.budget_for`; fields of a
+            ``Budget`` left ``None`` are sized so too): every shard
             packed with structures up to that many nodes, edges and graphs,
             padded to the budget; every structure once per epoch.
 
@@ -163,8 +164,10 @@ class Dataset:
             if "hessian" in (s.labels or {}):
                 hessian_width = max(hessian_width, len(s.positions))
         self.n_atoms, self.n_edges = np.array(atoms, np.int64), np.array(edges, np.int64)
-        if budget == "auto":
-            budget = loader.budget_for(self.n_atoms, self.n_edges, -(-batch_size // n_shards))
+        if budget is not None:  # "auto", or a Budget whose None fields are sized from the data
+            auto = loader.budget_for(self.n_atoms, self.n_edges, -(-batch_size // n_shards))
+            given = (None, None, None) if budget == "auto" else budget
+            budget = loader.Budget(*(a if g is None else g for g, a in zip(given, auto)))
         self.budget = budget
         if budget is not None:
             self.pad_to = (budget.nodes + 1, budget.edges + 1, budget.graphs + 1)

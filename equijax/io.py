@@ -19,7 +19,8 @@ import numpy as np
 
 from equijax.graph import Structure, check_structure, from_ase
 
-_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+#: readers of the compressed files an extended XYZ may come in
+OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 #: keys of the rMD17 NPZ layout, and their units there
 NPZ_KEYS = ("nuclear_charges", "coords", "energies", "forces")
@@ -58,10 +59,10 @@ def read(path, index: str = ":", species: Sequence[int] | None = None,
         elif suffix in (".xyz", ".extxyz", ".db", ".json", ".traj"):
             import ase.io
 
-            if path.suffix.lower() in _OPENERS:
+            if path.suffix.lower() in OPENERS:
                 # ASE seeks back and forth in the file, and every seek in a compressed stream decompresses
                 # from the start (quadratic: minutes for 7000 frames): decompress once, into memory
-                with _OPENERS[path.suffix.lower()](path, "rt") as f:
+                with OPENERS[path.suffix.lower()](path, "rt") as f:
                     frames = ase.io.read(io_lib.StringIO(f.read()), index=index, format="extxyz")
             else:
                 frames = ase.io.read(path, index=index)
@@ -77,17 +78,22 @@ def read(path, index: str = ":", species: Sequence[int] | None = None,
     if not structures:
         raise ValueError(f"{path}: no frames")
     for k, s in enumerate(structures):
-        missing = [key for key in require if key not in (s.labels or {})]
-        if missing:
-            raise ValueError(f"{path}: frame {k} has no {', '.join(missing)} label")
-        try:
-            check_structure(s, species)
-        except ValueError as err:
-            raise ValueError(f"{path}: frame {k}: {err}") from err
-        if "forces" in s.labels and s.labels["forces"].shape != s.positions.shape:
-            raise ValueError(f"{path}: frame {k}: forces have shape {s.labels['forces'].shape}, "
-                             f"positions {s.positions.shape}")
+        check_frame(s, path, k, species, require)
     return structures
+
+
+def check_frame(s: Structure, path, k: int, species=None, require=("energy", "forces")) -> None:
+    """Raise ``ValueError`` naming ``path`` and frame ``k`` for a missing label or a bad structure."""
+    missing = [key for key in require if key not in (s.labels or {})]
+    if missing:
+        raise ValueError(f"{path}: frame {k} has no {', '.join(missing)} label")
+    try:
+        check_structure(s, species)
+    except ValueError as err:
+        raise ValueError(f"{path}: frame {k}: {err}") from err
+    if "forces" in s.labels and s.labels["forces"].shape != s.positions.shape:
+        raise ValueError(f"{path}: frame {k}: forces have shape {s.labels['forces'].shape}, "
+                         f"positions {s.positions.shape}")
 
 
 def _read_npz(path, index, energy_unit):

@@ -599,13 +599,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     mesh = data_mesh()
     dtype = np.float64 if model_cfg.dtype == "float64" else np.float32
     bs = tc["batch_size"]
-    if tc["batching"] == "budget":
-        budget = "auto"
-        if tc["budget_nodes"] or tc["budget_edges"]:
-            auto = data_lib.Dataset(train, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype, "auto").budget
-            budget = loader.Budget(tc["budget_nodes"] or auto.nodes, tc["budget_edges"] or auto.edges, auto.graphs)
-    else:
-        budget = None
+    budget = loader.Budget(tc["budget_nodes"], tc["budget_edges"], None) if tc["batching"] == "budget" else None
     train_set = data_lib.Dataset(train, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype, budget)
     # validation in fixed batches of the same padded size: one evaluator compilation
     valid_set = data_lib.Dataset(valid, model_cfg.cutoff, bs, model_cfg.species, mesh.size, dtype, train_set.budget)

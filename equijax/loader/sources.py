@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from equijax.graph import Structure, check_structure, from_ase
-from equijax.io import _OPENERS
+from equijax.graph import Structure, from_ase
+from equijax.io import OPENERS, check_frame
 
 
 class LazyFile(Sequence):
@@ -50,8 +50,8 @@ class LazyFile(Sequence):
         self._lock = threading.Lock()
         suffix = self.path.suffix.lower()
         self._plain = self.path
-        if suffix in _OPENERS:
-            self._plain = _decompressed(self.path, _OPENERS[suffix])
+        if suffix in OPENERS:
+            self._plain = _decompressed(self.path, OPENERS[suffix])
             suffix = Path(self.path.stem).suffix.lower()
         if suffix in (".xyz", ".extxyz"):
             self._offsets = _index_xyz(self._plain, self.path)
@@ -99,16 +99,7 @@ class LazyFile(Sequence):
             s = from_ase(atoms, with_labels=True)
         except Exception as err:
             raise ValueError(f"{self.path}: frame {i}: malformed ({type(err).__name__}: {err})") from err
-        missing = [key for key in self.require if key not in (s.labels or {})]
-        if missing:
-            raise ValueError(f"{self.path}: frame {i} has no {', '.join(missing)} label")
-        try:
-            check_structure(s, self.species)
-        except ValueError as err:
-            raise ValueError(f"{self.path}: frame {i}: {err}") from err
-        if "forces" in s.labels and s.labels["forces"].shape != s.positions.shape:
-            raise ValueError(f"{self.path}: frame {i}: forces have shape {s.labels['forces'].shape}, "
-                             f"positions {s.positions.shape}")
+        check_frame(s, self.path, i, self.species, self.require)
         return s
 
 
