@@ -479,12 +479,26 @@ def _parse(argv):
     return args
 
 
+#: commands that run models: the console script restarts once for huge pages before them
+COMPUTE_COMMANDS = ("train", "evaluate", "vibrate", "phonons", "md")
+
+
 def main(argv=None):
-    """Run the command line; every error is one line on stderr and exit code 2 (1: internal)."""
+    """Run the command line; every error is one line on stderr and exit code 2 (1: internal).
+
+    As the console script (``argv`` None), a command that runs models first
+    restarts the process with transparent huge pages for XLA's buffers
+    (:mod:`equijax.hugepages`); called from Python with ``argv``, it never does.
+    """
+    console = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
         args = _parse(argv)
+        if console and args.command in COMPUTE_COMMANDS:
+            from equijax import hugepages
+
+            hugepages.restart(argv, debug)  # returns only when not needed (already on, opted out, not Linux)
         if args.command not in (None, "config"):
             from equijax import compile_cache
 

@@ -18,8 +18,14 @@ GPU, its pure-JAX fallback elsewhere): on a GPU machine add
 
 Each (model, workload) runs in a fresh process, so that the first call
 (init + compile) and the peak memory are its own. Both models see the same
-neighbour list (equijax's, from vesin); jax-md gets it unpadded. Label values
-do not change timings; W3 trains towards zero energy and forces.
+neighbour list (equijax's, from vesin); jax-md gets it unpadded, and equijax
+pads it tightly (one padding node, edge and graph; --padding bucket for
+build_graph's default sizes). Every code runs once with glibc's default
+allocator and once with transparent huge pages (GLIBC_TUNABLES=
+glibc.malloc.hugetlb=1, which the equijax command sets; see
+equijax/hugepages.py), unless --allocator says otherwise. Per warm call the
+process's user and system CPU time and minor page faults are recorded. Label
+values do not change timings; W3 trains towards zero energy and forces.
 
 Usage:
   python experiments/benchmark.py                    # everything, prints a table
@@ -95,9 +101,11 @@ def _equijax_setup(workload, structures, backend="jax"):
 
     cfg = eq.NequIPConfig(species=SPECIES, l_max=2, parity=_parity(), channels=32, n_layers=4,
                           n_radial=8, cutoff=5.0, radial_hidden=(64, 64), dtype="float32", backend=backend)
-    # W4 is a one-off Hessian: no bucket padding (it would add columns); as equijax.vibrations does
-    graph = eq.build_graph(structures, cfg.cutoff, species=SPECIES,
-                           pad_to="tight" if workload.startswith("W4") else None)
+    # the same work as jax-md, which gets the list unpadded: "tight" leaves one padding node, edge and
+    # graph (W4 is always so, as equijax.vibrations pads a Hessian). --padding bucket: build_graph's
+    # default ladder (2^k, 1.5·2^k), what one build_graph call on W1 gives (768 nodes, 12288 edges)
+    tight = workload.startswith("W4") or os.environ.get("EQUIJAX_BENCH_PADDING", "tight") == "tight"
+    graph = eq.build_graph(structures, cfg.cutoff, species=SPECIES, pad_to="tight" if tight else None)
     cfg = cfg.replace(avg_num_neighbours=eq.graph.num_neighbours(graph))
     model = eq.nequip(cfg)
 
@@ -264,6 +272,8 @@ def _nequix_setup(workload, structures):
 def worker(model_name, workload, repeats):
     import jax
 
+    from equijax import hugepages
+
     structures = _structures(workload)
     base_mem = _peak_memory_mb()
     t0 = time.perf_counter()
@@ -293,6 +303,7 @@ def worker(model_name, workload, repeats):
         "first_call_s": first, "peak_mem_mb": _peak_memory_mb() - (base_mem if jax.devices()[0].platform == "cpu" else 0),
         "gflops": flops / 1e9, "gflops_per_s": flops / 1e9 / median, "n_params": int(n_params),
         "device": str(jax.devices()[0].device_kind), "repeats": repeats,
+        "hugepages": hugepages.active(), "padding": os.environ.get("EQUIJAX_BENCH_PADDING", "tight"),
         # CPU time of the process per warm call: user, system (the kernel mapping fresh pages), page faults
         "user_s_per_call": (usage1.ru_utime - usage0.ru_utime) / repeats,
         "system_s_per_call": (usage1.ru_stime - usage0.ru_stime) / repeats,
@@ -309,11 +320,18 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per (model, workload) process")
     parser.add_argument("--no-parity", action="store_true",
                         help="hidden irreps 32x0e+32x1o+32x2e for every model (nequix runs only so)")
+    parser.add_argument("--padding", choices=("tight", "bucket"), default="tight",
+                        help="equijax's graph padding: as jax-md's (one padding node/edge/graph) or "
+                             "build_graph's default buckets")
+    parser.add_argument("--allocator", choices=("default", "hugepages", "both"), default="both",
+                        help="run every code with glibc's default malloc, with transparent huge pages "
+                             "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1, what the equijax command sets), or both")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.no_parity:
         os.environ["EQUIJAX_BENCH_PARITY"] = "0"  # the workers read it
+    os.environ["EQUIJAX_BENCH_PADDING"] = args.padding
     if "nequix" in args.models and not args.no_parity:
         parser.error("nequix has one parity per l: add --no-parity")
     if args.worker:
@@ -321,12 +339,13 @@ def main(argv=None):
         return
 
     results = []
+    allocators = {"default": [False], "hugepages": [True], "both": [False, True]}[args.allocator]
     for w in args.workloads:
-        for m in args.models:
+        for m, huge in ((m, h) for h in allocators for m in args.models):
             try:
                 proc = subprocess.run([sys.executable, __file__, "--worker", m, w, "--repeats", str(args.repeats)]
                                       + (["--no-parity"] if args.no_parity else []),
-                                      capture_output=True, text=True, timeout=args.timeout)
+                                      capture_output=True, text=True, timeout=args.timeout, env=_worker_env(huge))
             except subprocess.TimeoutExpired:
                 print(f"{m} {w}: no result within {args.timeout} s", file=sys.stderr)
                 continue
@@ -338,12 +357,20 @@ def main(argv=None):
             results.append(r)
             if args.out:  # after every row: a run cut short keeps what it measured
                 _write(args.out, results)
-            print(f"  {w} {m:11s} median {r['median_s']*1e3:9.1f} ms  first call {r['first_call_s']:6.1f} s  "
+            print(f"  {w} {m:11s} {'huge pages' if huge else 'default':10s} median {r['median_s']*1e3:9.1f} ms  first call {r['first_call_s']:6.1f} s  "
                   f"peak {r['peak_mem_mb']:7.0f} MB  {r['gflops']:8.2f} GFLOP  {r['gflops_per_s']:7.1f} GFLOP/s  "
                   f"user {r['user_s_per_call']*1e3:.0f} ms  system {r['system_s_per_call']*1e3:.0f} ms  "
                   f"{r['minor_faults_per_call']:.0f} faults per call", flush=True)
     print()
     print(table(results))
+
+
+def _worker_env(huge: bool) -> dict:
+    """The environment of a worker: glibc's huge-page tunable on or off (equijax.hugepages)."""
+    from equijax import hugepages
+
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    return hugepages.environment(env) if huge else env
 
 
 def _write(path: Path, results):
@@ -353,28 +380,36 @@ def _write(path: Path, results):
 
 
 def table(results):
-    """Markdown table, one row per equijax backend, with the ratios peer / equijax (>1: equijax is faster)."""
-    by = {(r["workload"], r["model"]): r for r in results}
+    """Markdown table, a row per (workload, equijax backend, allocator), ratios peer / equijax (>1: equijax faster).
+
+    With both allocators measured, huge-page rows also compare equijax with
+    each peer on glibc's default allocator (what that peer's users get).
+    """
+    by = {(r["workload"], r["model"], r.get("hugepages", False)): r for r in results}
     peers = [p for p in ("jaxmd", "nequix") if any(r["model"] == p for r in results)]
-    head = "| workload | equijax backend | equijax median | " + " | ".join(
-        f"{p} median | speed-up vs {p}" for p in peers) + " | equijax first call | " + " | ".join(
-        f"{p} first call" for p in peers) + " | equijax peak MB | equijax system s / call |"
+    head = "| workload | equijax backend | allocator | equijax median | " + " | ".join(
+        f"{p} median | speed-up vs {p} | vs {p}, default allocator" for p in peers) + \
+        " | equijax first call | " + " | ".join(f"{p} first call" for p in peers) + \
+        " | equijax peak MB | equijax user / system s per call | faults per call |"
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    nan = float("nan")
     for w in sorted({r["workload"] for r in results}):
-        for m, backend in BACKENDS.items():
-            a = by.get((w, m))
-            if not a:
-                continue
-            cells = [w, backend, f"{a['median_s']*1e3:.1f} ms"]
-            for p in peers:
-                b = by.get((w, p))
-                cells += [f"{b['median_s']*1e3:.1f} ms" if b else "–",
-                          f"{b['median_s'] / a['median_s']:.2f}×" if b else "–"]
-            cells.append(f"{a['first_call_s']:.1f} s")
-            cells += [f"{by[(w, p)]['first_call_s']:.1f} s" if (w, p) in by else "–" for p in peers]
-            cells += [f"{a['peak_mem_mb']:.0f}", f"{a.get('system_s_per_call', nan):.3f}"]
-            rows.append("| " + " | ".join(cells) + " |")
+        for huge in (False, True):
+            for m, backend in BACKENDS.items():
+                a = by.get((w, m, huge))
+                if not a:
+                    continue
+                cells = [w, backend, "huge pages" if huge else "default", f"{a['median_s']*1e3:.1f} ms"]
+                for p in peers:
+                    b, plain = by.get((w, p, huge)), by.get((w, p, False))
+                    cells += [f"{b['median_s']*1e3:.1f} ms" if b else "–",
+                              f"{b['median_s'] / a['median_s']:.2f}×" if b else "–",
+                              f"{plain['median_s'] / a['median_s']:.2f}×" if plain and huge else "–"]
+                cells.append(f"{a['first_call_s']:.1f} s")
+                cells += [f"{by[(w, p, huge)]['first_call_s']:.1f} s" if (w, p, huge) in by else "–" for p in peers]
+                cells += [f"{a['peak_mem_mb']:.0f}",
+                          f"{a.get('user_s_per_call', 0):.2f} / {a.get('system_s_per_call', 0):.2f}",
+                          f"{a.get('minor_faults_per_call', 0):.0f}"]
+                rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

@@ -5,6 +5,7 @@ they promise (model file, metrics, plots, modes, spectra, band structures).
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -68,3 +69,28 @@ def test_phonons_command(tmp_path, capsys):
               "--output", str(tmp_path / "ph")])
     assert "Γ-point" in capsys.readouterr().out
     assert (tmp_path / "ph" / "band_structure.png").exists()
+
+
+def test_console_restarts_once_with_huge_pages(tmp_path):
+    """The console script adds glibc's huge-page tunable for XLA's buffers, once; Python callers never restart."""
+    from equijax import hugepages
+
+    env = hugepages.environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert hugepages.environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice stands
+    assert hugepages.environment({"EQUIJAX_HUGEPAGES": "0"}) is None
+    if not (hugepages._glibc_ok() and hugepages._thp_allowed()):
+        pytest.skip("no glibc >= 2.35 with transparent huge pages here")
+    missing = str(tmp_path / "missing.npz")
+    # the hook runs only if this very process (not a restarted one) reaches exit
+    script = ("import atexit, sys; from equijax import cli, hugepages; "
+              "atexit.register(lambda: print('NOT RESTARTED', file=sys.stderr)); "
+              f"sys.argv = ['equijax', '--debug', 'evaluate', {missing!r}, {missing!r}]; cli.main()")
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    for extra, restarts in (({}, 1), ({"EQUIJAX_HUGEPAGES": "0"}, 0)):
+        proc = subprocess.run([sys.executable, "-c", script], env={**base, **extra}, capture_output=True,
+                              text=True, timeout=120)
+        # once, not again in the new process (which sees the tunable set)
+        assert proc.stderr.count("restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == restarts, proc.stderr
+        assert ("NOT RESTARTED" in proc.stderr) == (restarts == 0)
+        assert "no such file" in proc.stderr  # the restarted process did the work
