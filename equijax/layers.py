@@ -75,6 +75,11 @@ def linear(params: dict, x: e3nn.IrrepsArray, irreps_out, species=None) -> e3nn.
         else:
             onehot = jax.nn.one_hot(species, w.shape[0], dtype=x.dtype)
             mixed[ir] = jnp.einsum("...s,...ui,suv->...vi", onehot, xin, w)
+    return _assemble(mixed, irreps_out, x.shape[:-1], x.dtype)
+
+
+def _assemble(mixed: dict, irreps_out: e3nn.Irreps, leading: tuple, dtype) -> e3nn.IrrepsArray:
+    """``{irrep: (..., mul, 2l+1)}`` -> IrrepsArray of ``irreps_out``; absent irreps are zeros."""
     # an irrep may appear several times in irreps_out: hand out its rows in order
     out_chunks, used = [], {}
     for mul, ir in irreps_out:
@@ -84,7 +89,49 @@ def linear(params: dict, x: e3nn.IrrepsArray, irreps_out, species=None) -> e3nn.
         start = used.get(ir, 0)
         out_chunks.append(mixed[ir][..., start : start + mul, :])
         used[ir] = start + mul
-    return e3nn.from_chunks(irreps_out, out_chunks, x.shape[:-1], x.dtype)
+    return e3nn.from_chunks(irreps_out, out_chunks, leading, dtype)
+
+
+def linear_paths(params: dict, plan: "ConvPlan", summed: jax.Array) -> e3nn.IrrepsArray:
+    """:func:`linear` of ``linear_out`` applied to the summed messages as they come from the kernel.
+
+    Args:
+        summed: (n, irreps_tp.dim, C), the components of every path (channels last).
+
+    Returns:
+        (n, irreps_pre_gate), equal to ``linear(params, x, irreps_pre_gate)`` with
+        ``x`` the same numbers as an IrrepsArray ``C x`` each path (same weights).
+
+    The components are first put in order of output irrep by one static
+    permutation of this node-sized array; each irrep is then one contiguous
+    slice and one ``einsum``. Splitting ``summed`` into one IrrepsArray chunk
+    per path instead made reverse mode assemble the cotangent from one padded
+    piece per path (27 at l_max=2), which XLA re-evaluated inside the gather
+    onto the edges: the largest single cost of a CPU force call.
+    """
+    order, groups = _path_groups(plan.irreps_tp)
+    grouped = jnp.take(summed, order, axis=1)
+    C = summed.shape[-1]
+    mixed, start = {}, 0
+    for ir, n_paths in groups:
+        block = grouped[:, start : start + n_paths * ir.dim, :].reshape(-1, n_paths, ir.dim, C)
+        start += n_paths * ir.dim
+        w = params.get(str(ir))
+        if w is None:
+            continue
+        w = (w / np.sqrt(w.shape[-2])).reshape(n_paths, C, w.shape[-1])
+        mixed[ir] = jnp.einsum("npic,pcv->nvi", block, w)
+    return _assemble(mixed, plan.irreps_pre_gate, summed.shape[:1], summed.dtype)
+
+
+def _path_groups(irreps_tp: e3nn.Irreps):
+    """Static permutation of tensor-product components into groups by irrep (first-appearance order)."""
+    slices = irreps_tp.slices()
+    by_ir = {}
+    for sl, (_, ir) in zip(slices, irreps_tp):
+        by_ir.setdefault(ir, []).append(np.arange(sl.start, sl.stop))
+    order = np.concatenate([np.concatenate(v) for v in by_ir.values()])
+    return order, [(ir, len(v)) for ir, v in by_ir.items()]
 
 
 def mlp_init(key, sizes, dtype=jnp.float32) -> list:
@@ -247,9 +294,7 @@ def conv(params: dict, plan: ConvPlan, h: e3nn.IrrepsArray, species, edges: Edge
     weights = mlp(params["radial"], edges.radial).reshape(-1, plan.n_paths, C)
     summed = kernels.message_passing(plan, x, edges.sh.array, weights, edges.senders, edges.receivers,
                                      edges.n_node, plan.backend)
-    summed = jnp.swapaxes(summed / avg_num_neighbours, 1, 2)  # (n_node, C, dim)
-    summed = e3nn.IrrepsArray(plan.irreps_tp, summed).axis_to_mul()
-    out = linear(params["linear_out"], summed, plan.irreps_pre_gate)
+    out = linear_paths(params["linear_out"], plan, summed / avg_num_neighbours)
     out = out + linear(params["self"], h, plan.irreps_pre_gate, species)
     out = e3nn.gate(out, even_act=jax.nn.silu, odd_act=jnp.tanh, even_gate_act=jax.nn.sigmoid, odd_gate_act=jnp.tanh)
     if plan.irreps_out == plan.irreps_in:

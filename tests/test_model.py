@@ -258,3 +258,20 @@ def test_unknown_elements_are_never_remapped(small_config, small_model):
     uranium.calc = EquijaxCalculator(model=model, params=params)
     with pytest.raises(ValueError, match="unknown"):
         uranium.get_potential_energy()
+
+
+@pytest.mark.parametrize("irreps_in", ["8x0e", "8x0e+8x0o+8x1e+8x1o+8x2e+8x2o"])
+def test_mixing_of_summed_messages_keeps_the_parameter_layout(irreps_in):
+    """The interaction's output mixing (grouped by irrep for speed) is the generic equivariant linear
+    map of the same weights on the same numbers, so model files trained before it evaluate as trained."""
+    import e3nn_jax as e3nn
+    from equijax import layers
+
+    plan = layers.conv_plan(irreps_in, "8x0e+8x0o+8x1e+8x1o+8x2e+8x2o", "1x0e+1x1o+1x2e", 8, 3, 8, (16,))
+    params = layers.conv_init(jax.random.PRNGKey(1), plan, jnp.float64)["linear_out"]
+    x = jax.random.normal(jax.random.PRNGKey(2), (5, plan.irreps_tp.dim, 8), jnp.float64)  # (n, path components, C)
+    generic = layers.linear(params, e3nn.IrrepsArray(plan.irreps_tp, jnp.swapaxes(x, 1, 2)).axis_to_mul(),
+                            plan.irreps_pre_gate)
+    grouped = layers.linear_paths(params, plan, x)
+    assert grouped.irreps == generic.irreps
+    np.testing.assert_allclose(grouped.array, generic.array, rtol=1e-12, atol=1e-12)
