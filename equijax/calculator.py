@@ -70,7 +70,7 @@ class EquijaxCalculator(Calculator):
 
     On a CPU, start the Python that uses this calculator with
     ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (the ``equijax`` command does so
-    itself): XLA's large buffers then come in huge pages, 1.3–1.4× faster
+    itself): XLA's large buffers then come in huge pages, 1.7–2.0× faster
     calls (:mod:`equijax.hugepages`; glibc reads it only at start-up, so the
     calculator cannot switch it on).
     """
