@@ -54,6 +54,11 @@ def _thp_allowed() -> bool:
         return False
 
 
+def _tunables(value: str) -> dict:
+    """``"a=1:b=2"`` (glibc's ``GLIBC_TUNABLES`` syntax) -> ``{"a": "1", "b": "2"}``."""
+    return dict(item.partition("=")[::2] for item in value.split(":") if item)
+
+
 def environment(env: dict) -> dict | None:
     """``env`` with the tunable added to ``GLIBC_TUNABLES``, or ``None`` if nothing should change.
 
@@ -63,7 +68,7 @@ def environment(env: dict) -> dict | None:
     if env.get("EQUIJAX_HUGEPAGES", "1").lower() in ("0", "off", "false", "no"):
         return None
     tunables = env.get("GLIBC_TUNABLES", "")
-    if any(item.split("=")[0] == TUNABLE for item in tunables.split(":")):
+    if TUNABLE in _tunables(tunables):
         return None
     return {**env, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"}
 
@@ -85,10 +90,13 @@ def restart(argv: list, debug: bool = False) -> None:
               "(EQUIJAX_HUGEPAGES=0 to skip)", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "equijax.cli", *argv], env)
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "equijax.cli", *argv], env)
+    except OSError:  # the interpreter cannot be started again: go on here, without huge pages
+        return
 
 
 def active() -> bool:
     """Whether this process was started with the tunable on (so XLA's big buffers use huge pages)."""
-    items = dict(item.partition("=")[::2] for item in os.environ.get("GLIBC_TUNABLES", "").split(":") if item)
-    return _glibc_ok() and _thp_allowed() and items.get(TUNABLE, "0") not in ("", "0")
+    value = _tunables(os.environ.get("GLIBC_TUNABLES", "")).get(TUNABLE, "0")
+    return _glibc_ok() and _thp_allowed() and value not in ("", "0")

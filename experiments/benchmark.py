@@ -344,7 +344,7 @@ def main(argv=None):
         for m, huge in ((m, h) for h in allocators for m in args.models):
             try:
                 proc = subprocess.run([sys.executable, __file__, "--worker", m, w, "--repeats", str(args.repeats)]
-                                      + (["--no-parity"] if args.no_parity else []),
+                                      + (["--no-parity"] if args.no_parity else []) + ["--padding", args.padding],
                                       capture_output=True, text=True, timeout=args.timeout, env=_worker_env(huge))
             except subprocess.TimeoutExpired:
                 print(f"{m} {w}: no result within {args.timeout} s", file=sys.stderr)

@@ -217,8 +217,8 @@ MUTATIONS = {
     ),
     "console_does_not_restart_with_huge_pages": (
         "equijax/hugepages.py",
-        '    os.execve(sys.executable, [sys.executable, "-m", "equijax.cli", *argv], env)',
-        '    return  # BUG: announced, but the process goes on without the tunable',
+        '        os.execve(sys.executable, [sys.executable, "-m", "equijax.cli", *argv], env)',
+        '        return  # BUG: announced, but the process goes on without the tunable',
         ["tests/test_cli.py::test_console_restarts_once_with_huge_pages"],
     ),
     "grouped_mixing_reorders_paths": (
