@@ -64,6 +64,10 @@ def _train(args):
             print(f"  dipole MAE {t['dipole_mae']:8.1f} me·Å       RMSE {t['dipole_rmse']:8.1f}")
         if "hessian_mae" in t:
             print(f"  H·v    MAE {t['hessian_mae'] / 1000:8.3f} eV/Å²     RMSE {t['hessian_rmse'] / 1000:8.3f}")
+        if "frequency_mae" in t:
+            print(f"  H·v in normal modes MAE {t['frequency_mae']:6.1f} cm⁻¹  RMSE {t['frequency_rmse']:6.1f}")
+        if "displacement_mae" in t:
+            print(f"  H⁺δF (minimum shift) MAE {t['displacement_mae']:6.1f} mÅ  RMSE {t['displacement_rmse']:6.1f}")
         if "dipole_derivative_mae" in t:
             print(f"  dμ/dx·v MAE {t['dipole_derivative_mae']:7.1f} me          "
                   f"RMSE {t['dipole_derivative_rmse']:7.1f}")

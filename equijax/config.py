@@ -12,6 +12,7 @@ validated configs.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -113,6 +114,11 @@ SCHEMA: dict = {
                                "shifts (the model section is then ignored, except model.backend)", optional=True),
         "hessian_directions": Key(int, 1, "random directions v per structure and step of the Hessian term "
                                           "(one forward-over-reverse pass each)"),
+        "hessian_metric": Key(("cartesian", "frequency"), "cartesian",
+                              "how the Hessian term measures H v errors: cartesian (eV/Å², every coordinate alike) "
+                              "or frequency (in the reference's normal modes, scaled so that errors read as "
+                              "harmonic-frequency errors in cm⁻¹: soft modes count as much as they move the "
+                              "spectrum; the weight is then in 1/(cm⁻¹)²)"),
         "ensemble": Key(int, 1, "members trained at once in one compiled step (a committee: predictions "
                                 "with a spread); member k starts from the initialisation of seed + k, "
                                 "all members see the same batches"),
@@ -125,10 +131,14 @@ SCHEMA: dict = {
             "stress": Key(float, 0.0, "weight of the stress-component MSE (periodic data)", "1/(eV/Å³)²"),
             "dipole": Key(float, 0.0, "weight of the dipole MSE (trains the charge head, for IR)", "1/(e·Å)²"),
             "hessian": Key(float, 0.0, "weight of the MSE of Hessian-vector products H v along random directions "
-                                       "(needs Hessian labels, e.g. data/*_hessian_*.xyz)", "1/(eV/Å²)²"),
+                                       "(needs Hessian labels, e.g. data/*_hessian_*.xyz)",
+                              "1/(eV/Å²)², or 1/(cm⁻¹)² with train.hessian_metric=frequency"),
             "dipole_derivative": Key(float, 0.0, "weight of the MSE of dipole derivatives (dμ/dx) v along the Hessian "
                                                  "term's directions (IR intensities; needs the dipole head and "
                                                  "dipole_derivative labels)", "1/e²"),
+            "displacement": Key(float, 0.0, "weight of the MSE of H⁺ δF on Hessian-labelled frames: where the force "
+                                            "error moves the minimum, to first order (soft modes weigh most; "
+                                            "needs a Hessian weight too)", "1/Å²"),
         },
     },
 }
@@ -148,6 +158,8 @@ def _check_value(name: str, key: Key, value):
             return None
         raise ConfigError(f"{name} must be {_type_name(key.type)}, not null")
     t = key.type
+    if t is float and isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; it is plainly a number
     ok = {
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
         float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),

@@ -38,7 +38,11 @@ class LossWeights(NamedTuple):
     directions, (eV/Å²)² (needs ``nodes["hessian"]`` labels; see
     :func:`hessian_directions`); ``dipole_derivative``: the dipole's
     derivative along the same directions, ``(dμ/dx) v``, e² (needs the
-    dipole head and ``nodes["dipole_derivative"]`` labels; for IR).
+    dipole head and ``nodes["dipole_derivative"]`` labels; for IR);
+    ``displacement``: on Hessian-labelled structures, the force error
+    mapped through the reference's inverse Hessian, ``H⁺ δF`` (Å²): where
+    the force error moves the minimum, to first order (see
+    :func:`displacement_basis`).
     """
 
     energy: float = 1.0
@@ -47,11 +51,19 @@ class LossWeights(NamedTuple):
     dipole: float = 0.0
     hessian: float = 0.0
     dipole_derivative: float = 0.0
+    displacement: float = 0.0
 
 
-#: each error term and the count it is averaged over (the order of the loss's sum)
+#: each error term and the count it is averaged over (the order of the loss's sum); ``frequency`` is the
+#: Hessian term measured in normal modes (``hessian_metric="frequency"``), weighted by ``LossWeights.hessian``
 _COUNTS = {"energy": "n_graphs", "forces": "n_force", "stress": "n_stress", "dipole": "n_dipole",
-           "hessian": "n_hessian", "dipole_derivative": "n_dipole_derivative"}
+           "hessian": "n_hessian", "frequency": "n_frequency", "dipole_derivative": "n_dipole_derivative",
+           "displacement": "n_displacement"}
+#: the factor from a term's label units to its reported ones (meV, me, ...); frequency errors are in cm⁻¹
+_REPORTED = {"frequency": 1.0}
+#: wavenumber (cm⁻¹) of a mass-weighted Hessian eigenvalue of 1 eV/Å²/amu: ω = C·√λ
+WAVENUMBER = 521.4709
+HESSIAN_METRICS = ("cartesian", "frequency")
 
 
 def _graph_of_node(graph):
@@ -78,16 +90,125 @@ def hessian_directions(graph, key, k: int):
     return jnp.where(graph.nodes["mask"][None, :, None], v, 0.0).astype(graph.nodes["positions"].dtype)
 
 
-def reference_hvp(graph, v):
-    """(k, n_node, 3) products of the labelled Hessians (``nodes["hessian"]``) with directions ``v`` (k, n_node, 3)."""
-    h = graph.nodes["hessian"]  # (n_node, 3, W, 3): column j is atom j of the node's own structure
-    n, width = h.shape[0], h.shape[2]
+def _rows_times(rows, graph, v):
+    """(k, n_node, 3): each structure's matrix, stored as its atoms' rows ``rows`` (n_node, 3, W, 3), times ``v``."""
+    n, width = rows.shape[0], rows.shape[2]
     graph_of_node = _graph_of_node(graph)
     first = (jnp.cumsum(graph.n_node) - graph.n_node)[graph_of_node]
     columns = first[:, None] + jnp.arange(width)[None, :]  # (n_node, W) global node index of column j
     valid = jnp.arange(width)[None, :] < graph.n_node[graph_of_node][:, None]
     vj = jnp.where(valid[None, :, :, None], v[:, jnp.clip(columns, 0, n - 1)], 0.0)  # (k, n_node, W, 3)
-    return jnp.einsum("iajb,kijb->kia", h, vj)
+    return jnp.einsum("iajb,kijb->kia", rows, vj)
+
+
+def reference_hvp(graph, v):
+    """(k, n_node, 3) products of the labelled Hessians (``nodes["hessian"]``) with directions ``v`` (k, n_node, 3)."""
+    return _rows_times(graph.nodes["hessian"], graph, v)  # column j of a row: atom j of the node's own structure
+
+
+def _label_modes(graph, floor_cm: float):
+    """The labelled Hessians' normal modes: ``(rows, lam)``.
+
+    ``rows`` (n_node, 3, W, 3): per structure (the layout of
+    ``nodes["hessian"]``; rows Cartesian coordinates, columns modes, real
+    modes first) ``M^-1/2 U`` of the mass-weighted reference Hessian
+    ``M^-1/2 H M^-1/2 = U Λ U^T`` with translations and rotations projected
+    out; zero on their columns, on structures without a label and on
+    padding. ``lam`` (n_node, 1, W, 3): the node's structure's ``|λ|``
+    (eV/Å²/amu), raised to at least ``(floor_cm / C)²``. Labels only: no
+    gradient flows through the eigensolver.
+    """
+    from ase.data import atomic_masses
+
+    h = graph.nodes["hessian"]
+    n, width = h.shape[0], h.shape[2]
+    n_graph = graph.n_node.shape[0]
+    first = jnp.cumsum(graph.n_node) - graph.n_node
+    slot = jnp.clip(first[:, None] + jnp.arange(width)[None, :], 0, n - 1)  # (n_graph, W) node of each atom slot
+    valid = (jnp.arange(width)[None, :] < graph.n_node[:, None]) & graph.nodes["mask"][slot]
+    dtype = h.dtype
+    mass = jnp.where(valid, jnp.asarray(atomic_masses, dtype)[graph.nodes["atomic_numbers"][slot]], 1.0)
+    w = jnp.repeat(valid, 3, axis=1).astype(dtype)  # (n_graph, 3W) real coordinates
+    s = jnp.repeat(jnp.sqrt(mass), 3, axis=1)  # √m per coordinate
+    dense = h[slot].reshape(n_graph, 3 * width, 3 * width) * w[:, :, None] * w[:, None, :]
+    mw = dense / (s[:, :, None] * s[:, None, :])
+    # translations and rotations in mass-weighted coordinates, orthonormalised (a linear molecule's
+    # dependent rotation gets a zero column)
+    pos = graph.nodes["positions"][slot]
+    centre = (mass[..., None] * pos * valid[..., None]).sum(1, keepdims=True) / jnp.maximum(
+        (mass * valid).sum(1)[:, None, None], 1e-12)
+    r = jnp.where(valid[..., None], pos - centre, 0.0)
+    eye = jnp.eye(3, dtype=dtype)
+    trans = jnp.broadcast_to(eye, (n_graph, width, 3, 3))  # [g, atom, xyz, which]
+    rot = jnp.cross(r[:, :, None, :], eye[None, None, :, :]).swapaxes(2, 3)  # r × e_a: [g, atom, xyz, a]
+    rigid = (jnp.concatenate([trans, rot], axis=3) * jnp.sqrt(mass)[..., None, None]
+             * valid[..., None, None]).reshape(n_graph, 3 * width, 6)
+    u_r, sv, _ = jnp.linalg.svd(rigid, full_matrices=False)
+    u_r = u_r * (sv > 1e-6 * jnp.maximum(sv[:, :1], 1e-12))[:, None, :]
+    project = jnp.eye(3 * width, dtype=dtype) - u_r @ u_r.swapaxes(1, 2)
+    lam, modes = jnp.linalg.eigh(project @ mw @ project)
+    # rigid-body and padding directions have zero eigenvalues; drop them by where the vectors live
+    spurious = (jnp.einsum("gcr,gcm->grm", u_r, modes) ** 2).sum(1) + (((1 - w)[:, :, None] * modes) ** 2).sum(1)
+    # real modes first: column (j, b) of a structure of n atoms exists only for j < n
+    order = jnp.argsort(jnp.where(spurious < 0.5, lam, jnp.finfo(dtype).max), axis=1)
+    lam, spurious = jnp.take_along_axis(lam, order, 1), jnp.take_along_axis(spurious, order, 1)
+    modes = jnp.take_along_axis(modes, order[:, None, :], 2) * (spurious < 0.5)[:, None, :]
+    lam = jnp.maximum(jnp.abs(lam), (floor_cm / WAVENUMBER) ** 2)
+    basis = modes / s[:, :, None] * w[:, :, None]  # (n_graph, 3W rows, 3W modes)
+    labelled = graph.globals.get("hessian_mask", graph.globals["mask"])
+    graph_of_node = _graph_of_node(graph)
+    local = jnp.clip(jnp.arange(n) - first[graph_of_node], 0, width - 1)
+    rows = basis.reshape(n_graph, width, 3, width, 3)[graph_of_node, local]  # (n_node, 3, W, 3)
+    keep = graph.nodes["mask"] & labelled[graph_of_node]
+    rows = jnp.where(keep[:, None, None, None], rows, 0.0)
+    return jax.lax.stop_gradient(rows), jax.lax.stop_gradient(lam.reshape(n_graph, 1, width, 3)[graph_of_node])
+
+
+def frequency_basis(graph, floor_cm: float = 100.0):
+    """(n_node, 3, W, 3) ``T``: the labelled Hessians' normal modes, scaled so that errors read in cm⁻¹.
+
+    Per structure (the layout of ``nodes["hessian"]``; rows are Cartesian
+    coordinates, columns modes), ``T = sqrt(C/2) M^-1/2 U |Λ|^-1/4`` from the
+    mass-weighted reference Hessian ``M^-1/2 H M^-1/2 = U Λ U^T`` with
+    translations and rotations projected out (their columns are zero), ``C``
+    = :data:`WAVENUMBER` and ``|λ|`` raised to at least ``(floor_cm / C)²``
+    (:func:`_label_modes`). For a model Hessian ``H + δH``, ``(T^T δH T)_ii``
+    is then, to first order, the error of mode i's harmonic frequency in
+    cm⁻¹ (``δω = C δλ / 2√λ``), and the off-diagonal entries measure how the
+    modes mix. A loss on ``T^T δH T z`` weighs every mode by what it does to
+    its frequency: soft torsions, which an unweighted ``H v`` loss leaves to
+    the stiff stretches, count as much as they move the spectrum.
+    """
+    rows, lam = _label_modes(graph, floor_cm)
+    return rows * jnp.sqrt(WAVENUMBER / 2) * lam**-0.25
+
+
+def displacement_basis(graph, floor_cm: float = 100.0):
+    """(n_node, 3, W, 3) ``B = M^-1/2 U |Λ|^-1/2`` (:func:`_label_modes`): ``B B^T = H⁺``, the inverse Hessian.
+
+    ``B B^T δF`` is the Newton step of a force error ``δF``: how far (Å) it
+    moves the minimum, to first order. Soft modes, where a small force error
+    puts the minimum somewhere else (a torsion), weigh most.
+    """
+    rows, lam = _label_modes(graph, floor_cm)
+    return rows * lam**-0.5
+
+
+def _modes_times(basis, graph, r):
+    """(k, n_graph, W, 3) ``T^T r`` per structure, for ``r`` (k, n_node, 3) and ``T`` of :func:`frequency_basis`."""
+    per_node = jnp.einsum("iajb,kia->ikjb", basis, r)
+    return jax.ops.segment_sum(per_node, _graph_of_node(graph), graph.n_node.shape[0]).swapaxes(0, 1)
+
+
+def newton_step(graph, df, floor_cm: float = 100.0):
+    """(n_node, 3) ``H⁺ δF`` per Hessian-labelled structure (Å): where the force error ``df`` (n_node, 3) moves
+    the minimum, to first order; zero elsewhere."""
+    basis = displacement_basis(graph, floor_cm)
+    c = _modes_times(basis, graph, df[None])[0]  # (n_graph, W, 3): B^T δF, mode (j, b) of each structure
+    graph_of_node = _graph_of_node(graph)
+    first = jnp.cumsum(graph.n_node) - graph.n_node
+    local = jnp.clip(jnp.arange(df.shape[0]) - first[graph_of_node], 0, basis.shape[2] - 1)
+    return _rows_times(basis, graph, c[graph_of_node, local][None])[0]
 
 
 def reference_dipole_derivative(graph, v):
@@ -98,14 +219,22 @@ def reference_dipole_derivative(graph, v):
 
 
 def _errors(energy_fn, with_stress, dipole_fn=None, hessian_directions_k: int = 0,
-            with_dipole_derivative: bool = False):
+            with_dipole_derivative: bool = False, hessian_metric: str = "cartesian", with_displacement: bool = False):
     """``(params, graph, key) -> dict`` of summed absolute and squared errors and counts.
 
     ``key`` seeds the ``hessian_directions_k`` random directions per
     structure of the Hessian-vector products and, with
     ``with_dipole_derivative``, of the dipole derivatives (needs
-    ``dipole_fn``); unused without them.
+    ``dipole_fn``); unused without them. ``hessian_metric``:
+    ``"cartesian"`` compares ``H v`` for standard-normal ``v`` (eV/Å²);
+    ``"frequency"`` compares ``T^T H T z`` for standard-normal ``z`` in the
+    reference's normal modes (:func:`frequency_basis`, cm⁻¹), and the
+    dipole derivatives go along the same ``v = T z``. ``with_displacement``
+    adds :func:`newton_step` of the force errors on Hessian-labelled
+    structures.
     """
+    if hessian_metric not in HESSIAN_METRICS:
+        raise ValueError(f"hessian_metric must be one of {HESSIAN_METRICS}, got {hessian_metric!r}")
     derive = physics.energy_forces_stress(energy_fn) if with_stress else physics.energy_and_forces(energy_fn)
     with_hvp = physics.energy_forces_hvp(energy_fn)
     hvp = physics.hessian_vector_product(energy_fn)
@@ -113,6 +242,9 @@ def _errors(energy_fn, with_stress, dipole_fn=None, hessian_directions_k: int = 
     def fn(params, graph, key):
         if hessian_directions_k:
             v = hessian_directions(graph, key, hessian_directions_k)
+            if hessian_metric == "frequency":
+                basis = frequency_basis(graph)
+                v = _rows_times(basis, graph, v)
             if with_stress:
                 out = derive(params, graph)
                 hv = jax.vmap(lambda t: hvp(params, graph, t))(v)
@@ -139,8 +271,18 @@ def _errors(energy_fn, with_stress, dipole_fn=None, hessian_directions_k: int = 
             labelled = graph.globals.get("hessian_mask", gmask)
             hmask = nmask & labelled[_graph_of_node(graph)]
             dh = jnp.where(hmask[None, :, None], hv - reference_hvp(graph, v), 0.0)
-            sums.update(hessian_sq=(dh**2).sum(), hessian_abs=jnp.abs(dh).sum(),
-                        n_hessian=3 * hessian_directions_k * hmask.sum())
+            if hessian_metric == "frequency":
+                dw = _modes_times(basis, graph, dh)  # (k, n_graph, W, 3), zero beyond each structure's modes
+                n_modes = 3 * hmask.sum() - 6 * (gmask & labelled).sum()
+                sums.update(frequency_sq=(dw**2).sum(), frequency_abs=jnp.abs(dw).sum(),
+                            n_frequency=hessian_directions_k * jnp.maximum(n_modes, 0))
+            else:
+                sums.update(hessian_sq=(dh**2).sum(), hessian_abs=jnp.abs(dh).sum(),
+                            n_hessian=3 * hessian_directions_k * hmask.sum())
+            if with_displacement:
+                dx = jnp.where(hmask[:, None], newton_step(graph, df), 0.0)
+                sums.update(displacement_sq=(dx**2).sum(), displacement_abs=jnp.abs(dx).sum(),
+                            n_displacement=3 * hmask.sum())
             if with_dipole_derivative:
                 def mu(positions):
                     return dipole_fn(params, physics.with_positions(graph, positions))
@@ -163,20 +305,26 @@ def _summed(errors, params, stacked, key):
     return jax.tree_util.tree_map(lambda x: x.sum(0), per_shard)
 
 
-def loss_fn(energy_fn, weights: LossWeights = LossWeights(), dipole_fn=None, hessian_directions_k: int = 1):
+def loss_fn(energy_fn, weights: LossWeights = LossWeights(), dipole_fn=None, hessian_directions_k: int = 1,
+            hessian_metric: str = "cartesian"):
     """``(params, stacked_graph, key) -> (loss, metrics)``.
 
     ``dipole_fn`` is needed when ``weights.dipole > 0``; ``key`` seeds the
     ``hessian_directions_k`` random directions per structure of the Hessian
-    term (used only when ``weights.hessian > 0``).
+    term (used only when ``weights.hessian > 0``), measured by
+    ``hessian_metric`` (:func:`_errors`; with ``"frequency"`` the weight is
+    in 1/(cm⁻¹)²).
     """
     if (weights.dipole > 0 or weights.dipole_derivative > 0) and dipole_fn is None:
         raise ValueError("a dipole weight needs the model's dipole function (model.dipole)")
     if weights.dipole_derivative > 0 and weights.hessian <= 0:
         raise ValueError("the dipole-derivative term shares the Hessian term's directions: give a Hessian weight too")
+    if weights.displacement > 0 and weights.hessian <= 0:
+        raise ValueError("the displacement term needs the Hessian labels of the Hessian term: give a Hessian weight too")
     errors = _errors(energy_fn, weights.stress > 0,
                      dipole_fn if weights.dipole > 0 or weights.dipole_derivative > 0 else None,
-                     hessian_directions_k if weights.hessian > 0 else 0, weights.dipole_derivative > 0)
+                     hessian_directions_k if weights.hessian > 0 else 0, weights.dipole_derivative > 0,
+                     hessian_metric, weights.displacement > 0)
 
     def fn(params, stacked, key=jax.random.PRNGKey(0)):
         s = _summed(errors, params, stacked, key)
@@ -185,9 +333,10 @@ def loss_fn(energy_fn, weights: LossWeights = LossWeights(), dipole_fn=None, hes
         loss = weights.energy * e_mse + weights.forces * f_mse
         metrics = {"energy_rmse": jnp.sqrt(e_mse), "forces_rmse": jnp.sqrt(f_mse)}
         for term, count in list(_COUNTS.items())[2:]:
-            if getattr(weights, term) > 0:
+            weight = weights.hessian if term == "frequency" else getattr(weights, term)
+            if weight > 0 and term + "_sq" in s:
                 mse = s[term + "_sq"] / jnp.maximum(s[count], 1)
-                loss = loss + getattr(weights, term) * mse
+                loss = loss + weight * mse
                 metrics[term + "_rmse"] = jnp.sqrt(mse)
         metrics["loss"] = loss
         return loss, metrics
@@ -259,13 +408,14 @@ def init_state(params, opt: optax.GradientTransformation) -> TrainState:
 
 
 def train_step(energy_fn, opt: optax.GradientTransformation, weights: LossWeights = LossWeights(),
-               ema_decay: float = 0.99, dipole_fn=None, hessian_directions_k: int = 1, seed: int = 0):
+               ema_decay: float = 0.99, dipole_fn=None, hessian_directions_k: int = 1, seed: int = 0,
+               hessian_metric: str = "cartesian"):
     """``(state, stacked_graph) -> (state, metrics)``: one step (jit it).
 
     The Hessian term's directions are a function of ``seed``, the step
     number and each structure's index: an exact resume draws the same ones.
     """
-    loss = loss_fn(energy_fn, weights, dipole_fn, hessian_directions_k)
+    loss = loss_fn(energy_fn, weights, dipole_fn, hessian_directions_k, hessian_metric)
     base = jax.random.PRNGKey(seed)
 
     def fn(state: TrainState, stacked):
@@ -301,34 +451,39 @@ def ensemble_train_step(step, strategy: str = "auto"):
 
 
 def evaluator(energy_fn, with_stress: bool = False, dipole_fn=None, hessian_directions_k: int = 0,
-              with_dipole_derivative: bool = False):
+              with_dipole_derivative: bool = False, hessian_metric: str = "cartesian",
+              with_displacement: bool = False):
     """``(params, stacked_graph) -> dict`` of summed errors (jit it); see :func:`metrics`.
 
     Hessian-vector products and dipole derivatives, when asked for, go along
     fixed directions (a fixed key): successive evaluations compare like with
     like.
     """
-    errors = _errors(energy_fn, with_stress, dipole_fn, hessian_directions_k, with_dipole_derivative)
+    errors = _errors(energy_fn, with_stress, dipole_fn, hessian_directions_k, with_dipole_derivative, hessian_metric,
+                     with_displacement)
     key = jax.random.PRNGKey(2**31 - 1)
     return lambda params, stacked: _summed(errors, params, stacked, key)
 
 
 def metrics(sums: dict) -> dict:
-    """MAE and RMSE from summed errors: meV/atom, meV/Å, meV/Å³, me·Å (dipole), meV/Å² (``H v``), me (``dμ/dx v``)."""
+    """MAE and RMSE from summed errors: meV/atom, meV/Å, meV/Å³, me·Å (dipole), meV/Å² (``H v``), me (``dμ/dx v``),
+    cm⁻¹ (``frequency``: the Hessian term in normal modes)."""
     out = {}
     for key, count in _COUNTS.items():
         if key + "_sq" in sums and float(sums[count]) > 0:  # a Hessian term on a set without Hessians: no entry
-            n = float(sums[count])
-            out[f"{key}_mae"] = 1000 * float(sums[key + "_abs"]) / n
-            out[f"{key}_rmse"] = 1000 * float(np.sqrt(float(sums[key + "_sq"]) / n))
+            n, unit = float(sums[count]), _REPORTED.get(key, 1000.0)
+            out[f"{key}_mae"] = unit * float(sums[key + "_abs"]) / n
+            out[f"{key}_rmse"] = unit * float(np.sqrt(float(sums[key + "_sq"]) / n))
     return out
 
 
 def evaluate(energy_fn, params, dataset, with_stress: bool = False, mesh: Mesh | None = None,
-             dipole_fn=None, hessian_directions_k: int = 0, with_dipole_derivative: bool = False) -> dict:
+             dipole_fn=None, hessian_directions_k: int = 0, with_dipole_derivative: bool = False,
+             hessian_metric: str = "cartesian", with_displacement: bool = False) -> dict:
     """Metrics of ``params`` over a whole :class:`equijax.data.Dataset`."""
     out = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
-    fn = jax.jit(evaluator(energy_fn, with_stress, dipole_fn, hessian_directions_k, with_dipole_derivative), **out)
+    fn = jax.jit(evaluator(energy_fn, with_stress, dipole_fn, hessian_directions_k, with_dipole_derivative,
+                           hessian_metric, with_displacement), **out)
     total = None
     for batch in dataset.batches():
         if mesh is not None:
@@ -644,14 +799,17 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     state = replicate(state, mesh)
     replicated = NamedSharding(mesh, P())  # states and metrics: every process holds all of them
     k_directions = tc["hessian_directions"] if with_hessian else 0
+    metric = tc["hessian_metric"]
     single_step = train_step(model.energy, opt, weights, tc["ema_decay"], dipole_fn, tc["hessian_directions"],
-                             tc["seed"])
-    single_eval = evaluator(model.energy, with_stress, dipole_fn, k_directions, with_dmu)
-    # model selection on energy + force RMSE; a Hessian term counts in force units as the loss weighs it
+                             tc["seed"], metric)
+    # with Hessian labels, validation also reports where the force errors move the minima (newton_step)
+    single_eval = evaluator(model.energy, with_stress, dipole_fn, k_directions, with_dmu, metric, with_hessian)
+    # model selection on energy + force RMSE; a Hessian term counts in force units (meV/Å) as the loss weighs it
     h_factor = float(np.sqrt(weights.hessian / weights.forces)) if with_hessian and weights.forces > 0 else 1.0
+    h_factor *= 1000.0 / _REPORTED.get(metric, 1000.0)  # the frequency term reports in cm⁻¹, not milli-units
 
     def criterion(v):
-        return v["forces_rmse"] + v["energy_rmse"] + h_factor * v.get("hessian_rmse", 0.0)
+        return v["forces_rmse"] + v["energy_rmse"] + h_factor * v.get("hessian_rmse", v.get("frequency_rmse", 0.0))
     if ensemble_run:
         step_fn = _ensemble_step_fn(single_step, tc["ensemble_strategy"], n_members, mesh)
         eval_fn = jax.jit(ensemble.over_members(single_eval, tc["ensemble_strategy"]), out_shardings=replicated)
@@ -785,7 +943,10 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
                         f.write(json.dumps(record) + "\n")
                     bar.write(f"step {step:6d}  valid{' (mean of members)' if ensemble_run else ''}: "
                               f"E MAE {v['energy_mae']:.2f} meV/atom, F MAE {v['forces_mae']:.1f} meV/Å"
-                              + (f", Hv MAE {v['hessian_mae'] / 1000:.3f} eV/Å²" if "hessian_mae" in v else "") + "; "
+                              + (f", Hv MAE {v['hessian_mae'] / 1000:.3f} eV/Å²" if "hessian_mae" in v else "")
+                              + (f", Hv in modes MAE {v['frequency_mae']:.1f} cm⁻¹" if "frequency_mae" in v else "")
+                              + (f", H⁺δF MAE {v['displacement_mae']:.1f} mÅ" if "displacement_mae" in v else "")
+                              + "; "
                               f"{speed['structures_per_s']:.0f} structures/s, {speed['atoms_per_s']:.0f} atoms/s, "
                               f"padding: {100 * speed['node_fill']:.0f}% of node and {100 * speed['edge_fill']:.0f}% "
                               f"of edge slots real, waited for data {100 * speed['data_wait_fraction']:.1f}% of the time")
@@ -819,7 +980,8 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
             test_set.hessian_width = max(test_set.hessian_width or 1, train_set.hessian_width)
             test_set.partial_labels = train_set.partial_labels
         result["test"] = evaluate(best_model.energy, best_params, test_set, with_stress, mesh,
-                                  best_model.dipole if dipole_fn is not None else None, k_directions, with_dmu)
+                                  best_model.dipole if dipole_fn is not None else None, k_directions, with_dmu,
+                                  metric, with_hessian)
         abs_f = [(float(np.abs(s.labels["forces"]).sum()), s.labels["forces"].size) for s in test]
         result["test"]["zero_force_mae"] = 1000 * sum(a for a, _ in abs_f) / sum(n for _, n in abs_f)
         result["n_test"] = len(test)

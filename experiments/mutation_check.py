@@ -227,6 +227,24 @@ MUTATIONS = {
         "        by_ir.setdefault(ir, []).insert(0, np.arange(sl.start, sl.stop))  # BUG: paths meet other weights",
         ["tests/test_model.py::test_mixing_of_summed_messages_keeps_the_parameter_layout"],
     ),
+    "frequency_basis_keeps_eigh_order": (
+        "equijax/training.py",
+        "    order = jnp.argsort(jnp.where(spurious < 0.5, lam, jnp.finfo(dtype).max), axis=1)",
+        "    order = jnp.argsort(lam, axis=1)  # BUG: rigid and padding zeros sort among the modes",
+        ["tests/test_hessian_training.py::test_frequency_metric_reads_as_harmonic_frequency_errors"],
+    ),
+    "frequency_basis_wrong_power": (
+        "equijax/training.py",
+        "    return rows * jnp.sqrt(WAVENUMBER / 2) * lam**-0.25",
+        "    return rows * jnp.sqrt(WAVENUMBER / 2) * lam**-0.5  # BUG: relative, not frequency, errors",
+        ["tests/test_hessian_training.py::test_frequency_metric_reads_as_harmonic_frequency_errors"],
+    ),
+    "newton_step_without_masses": (
+        "equijax/training.py",
+        "    basis = modes / s[:, :, None] * w[:, :, None]  # (n_graph, 3W rows, 3W modes)",
+        "    basis = modes * w[:, :, None]  # BUG: mass-weighted modes used as Cartesian ones",
+        ["tests/test_hessian_training.py::test_newton_step_inverts_the_reference_hessian"],
+    ),
 }
 
 

@@ -20,7 +20,8 @@ import equijax
 from equijax import checkpoint, cli, config as config_lib, data, graph as graph_lib, io, physics, training, vibrations
 
 DATA = config_lib.PACKAGE / "data"
-WEIGHTS = training.LossWeights(energy=1.0, forces=10.0, dipole=1.0, hessian=0.5, dipole_derivative=2.0)
+WEIGHTS = training.LossWeights(energy=1.0, forces=10.0, dipole=1.0, hessian=0.5, dipole_derivative=2.0,
+                               displacement=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +98,10 @@ def test_normal_mode_samples_have_the_harmonic_thermal_energy(frames):
     assert np.mean(energy) == pytest.approx(0.5 * (27 - n_rigid) * units.kB * 300.0, rel=0.05)
 
 
-def test_loss_is_zero_on_the_models_own_hessians_and_blind_to_padding(frames, tiny):
+@pytest.mark.parametrize("metric", training.HESSIAN_METRICS)
+def test_loss_is_zero_on_the_models_own_hessians_and_blind_to_padding(frames, tiny, metric):
     model, params = tiny
+    term = "hessian" if metric == "cartesian" else "frequency"
     # the model's own labels, from one batch of all three: its Hessian is block diagonal
     g = graph_lib.build_graph(frames, model.config.cutoff, dtype=np.float64)
     h = np.asarray(jax.jit(physics.hessian(model.energy))(params, g))
@@ -110,20 +113,24 @@ def test_loss_is_zero_on_the_models_own_hessians_and_blind_to_padding(frames, ti
         own.append(s._replace(labels={**s.labels, "hessian": h[atoms, :, atoms],
                                       "dipole_derivative": dmu[k, :, atoms].transpose(1, 2, 0)}))
         start = atoms.stop
-    loss = jax.jit(training.loss_fn(model.energy, WEIGHTS, model.dipole, hessian_directions_k=3))
+    loss = jax.jit(training.loss_fn(model.energy, WEIGHTS, model.dipole, hessian_directions_k=3,
+                                    hessian_metric=metric))
     key = jax.random.PRNGKey(7)
     _, m = loss(params, _batch(own, model), key)
-    assert float(m["hessian_rmse"]) < 1e-10 and float(m["dipole_derivative_rmse"]) < 1e-10
+    assert float(m[term + "_rmse"]) < 1e-9 and float(m["dipole_derivative_rmse"]) < 1e-10
 
     # force data mixed in: a frame without Hessian labels adds nothing to the Hessian terms
     plain = io.read(DATA / "ethanol_train.xyz", index=":1")
-    sums = jax.jit(training.evaluator(model.energy, False, model.dipole, 3, True))(params, _batch(own + plain, model))
-    assert float(sums["hessian_sq"]) < 1e-18 and float(sums["dipole_derivative_sq"]) < 1e-18
-    assert int(sums["n_hessian"]) == 3 * 3 * sum(len(s.positions) for s in own)
+    sums = jax.jit(training.evaluator(model.energy, False, model.dipole, 3, True, metric))(
+        params, _batch(own + plain, model))
+    assert float(sums[term + "_sq"]) < 1e-18 and float(sums["dipole_derivative_sq"]) < 1e-18
+    # counted: 3N coordinates (cartesian) or 3N - 6 modes (frequency) per labelled structure and direction
+    per_frame = 0 if metric == "cartesian" else 6
+    assert int(sums["n_" + term]) == 3 * sum(3 * len(s.positions) - per_frame for s in own)
     assert int(sums["n_dipole_derivative"]) == 3 * 3 * len(own) and int(sums["n_graphs"]) == len(own) + 1
 
     _, m_real = loss(params, _batch(frames, model), key)
-    assert float(m_real["hessian_rmse"]) > 1.0 and float(m_real["dipole_derivative_rmse"]) > 1e-2
+    assert float(m_real[term + "_rmse"]) > 1.0 and float(m_real["dipole_derivative_rmse"]) > 1e-2
     # more padding (nodes, edges, graphs, Hessian columns) and garbage in the padding: the same numbers
     big = _batch(frames, model, pad_to=(128, 2048, 6), hessian_width=30)
     pad = ~np.asarray(big.nodes["mask"])[0]
@@ -132,15 +139,67 @@ def test_loss_is_zero_on_the_models_own_hessians_and_blind_to_padding(frames, ti
     h[0, :, :, 21:] = -1e3
     big = big._replace(nodes={**big.nodes, "hessian": jnp.asarray(h)})
     _, m_big = loss(params, big, key)
-    for k in m_real:
-        np.testing.assert_allclose(m_big[k], m_real[k], rtol=1e-12, err_msg=k)
+    for k in m_real:  # (the normal modes come from an eigensolver of a larger matrix: rounding)
+        np.testing.assert_allclose(m_big[k], m_real[k], rtol=1e-12 if metric == "cartesian" else 1e-9, err_msg=k)
 
 
-def test_loss_gradient_matches_finite_differences(frames, tiny):
+def test_frequency_metric_reads_as_harmonic_frequency_errors(frames):
+    """``diag(T^T δH T)`` is the first-order change of the harmonic frequencies (cm⁻¹), modes paired by index."""
+    import ase
+
+    batch = graph_lib.build_graph(frames, 5.0, dtype=np.float64)
+    basis = np.asarray(training.frequency_basis(batch, floor_cm=1.0))
+    rng = np.random.default_rng(0)
+    start = 0
+    for s in frames:
+        n = len(s.positions)
+        t = basis[start : start + n, :, :n].reshape(3 * n, 3 * n)[:, : 3 * n - 6]  # real modes first
+        start += n
+        atoms = ase.Atoms(numbers=s.atomic_numbers, positions=s.positions)
+        h = s.labels["hessian"].reshape(3 * n, 3 * n)
+        noise = rng.standard_normal((3 * n, 3 * n)) * 1e-5  # small: near-degenerate pairs mix at second order
+        dh = noise + noise.T
+
+        def frequencies(hessian):  # an exact eigensolve of vibrations' own projection, ascending
+            w = np.repeat(1.0 / np.sqrt(atoms.get_masses()), 3)
+            lam = np.linalg.eigvalsh(vibrations.project_hessian(hessian, atoms)[0] * w[:, None] * w[None, :])
+            lam = lam[np.argsort(np.abs(lam))][6:]  # drop the six rigid-body zeros
+            return np.sort(np.sign(lam) * np.sqrt(np.abs(lam)) * training.WAVENUMBER)
+
+        expected = frequencies(h + dh) - frequencies(h)
+        np.testing.assert_allclose(2 * np.diag(t.T @ h @ t), frequencies(h), rtol=1e-6)  # δH = H: ω/2 each
+        np.testing.assert_allclose(np.diag(t.T @ dh @ t), expected, atol=2e-3 * np.abs(expected).max())
+        assert np.all(np.abs(expected) > 1e-6)
+
+
+def test_newton_step_inverts_the_reference_hessian():
+    """At a minimum, ``H⁺ (H dx)`` is ``dx`` without its rigid-body part; zero on unlabelled frames and padding."""
+    import ase
+
+    minimum = io.read(DATA / "ethanol_hessian_train.xyz.gz", index=":1", require=("hessian",))[0]
+    plain = io.read(DATA / "ethanol_train.xyz", index=":1")[0]
+    batch = data.Dataset([minimum, plain], 5.0, 2, dtype=np.float64).batch([0, 1])
+    batch = jax.tree_util.tree_map(lambda x: x[0], batch)
+    dx = np.random.default_rng(0).standard_normal((9, 3)) * 0.01
+    df = np.zeros(batch.nodes["positions"].shape)
+    df[:9] = (minimum.labels["hessian"].reshape(27, 27) @ dx.ravel()).reshape(9, 3)
+    df[9:] = 1.0  # the force-only frame and padding: must not leak in
+    step = np.asarray(training.newton_step(batch, jnp.asarray(df), floor_cm=1.0))
+    atoms = ase.Atoms(numbers=minimum.atomic_numbers, positions=minimum.positions)
+    rigid = vibrations.rigid_body_basis(atoms.positions, atoms.get_masses(), False)
+    m = np.repeat(np.sqrt(atoms.get_masses()), 3)
+    y = m * dx.ravel()
+    expected = ((y - rigid @ (rigid.T @ y)) / m).reshape(9, 3)
+    np.testing.assert_allclose(step[:9], expected, atol=3e-3 * np.abs(expected).max())  # FD Hessian: rigid residue
+    assert np.all(step[9:] == 0.0)
+
+
+@pytest.mark.parametrize("metric", training.HESSIAN_METRICS)
+def test_loss_gradient_matches_finite_differences(frames, tiny, metric):
     model, params = tiny
     batch = _batch(frames, model)
-    loss = jax.jit(lambda p: training.loss_fn(model.energy, WEIGHTS, model.dipole, 2)(p, batch,
-                                                                                       jax.random.PRNGKey(1))[0])
+    loss = jax.jit(lambda p: training.loss_fn(model.energy, WEIGHTS, model.dipole, 2, metric)(
+        p, batch, jax.random.PRNGKey(1))[0])
     grads = jax.grad(loss)(params)
     leaves, tree = jax.tree_util.tree_flatten(params)
     rng = np.random.default_rng(0)
