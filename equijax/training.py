@@ -752,6 +752,13 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     if n_members > 1:
         _check_ensemble_fits(model, n_members)
     mesh = data_mesh()
+    if mesh.size > 1 and with_hessian and (tc["hessian_metric"] == "frequency" or tc["weights"]["displacement"] > 0):
+        # found in testing: on 4 host devices the step with the normal-mode basis did not finish in minutes,
+        # while 4 stacked shards on one device run; refuse rather than hang
+        raise config_lib.ConfigError(
+            f"train.hessian_metric=frequency and train.weights.displacement run on one device for now ({mesh.size} "
+            "found): set CUDA_VISIBLE_DEVICES (or --xla_force_host_platform_device_count) to one device, or use "
+            "train.hessian_metric=cartesian with train.weights.displacement=0 on several")
     dtype = np.float64 if model_cfg.dtype == "float64" else np.float32
     bs = tc["batch_size"]
     budget = loader.Budget(tc["budget_nodes"], tc["budget_edges"], None) if tc["batching"] == "budget" else None

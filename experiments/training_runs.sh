@@ -36,19 +36,33 @@ if [[ $what == all || $what == dipole ]]; then
     --output experiments/results/aspirin_vibrations
 fi
 if [[ $what == all || $what == hessian ]]; then
-  # Hessian fine-tuning of the dipole model, and its control: the same run without the Hessian terms
-  # (equal training time); then both against GFN2-xTB (part b)
-  timed equijax train equijax/configs/hessian_finetune.yaml --output runs/finetune --restart --no-progress 2>&1 \
+  # (1) the first recipe, Cartesian H v (README's first table): fine-tuning of the dipole model, its control
+  # without the Hessian terms (equal steps and data), and the Hessian term alone
+  first="train.hessian_metric=cartesian train.weights.hessian=1.0 train.weights.dipole_derivative=1.0 train.weights.displacement=0.0"
+  timed equijax train equijax/configs/hessian_finetune.yaml $first --output runs/finetune --restart --no-progress 2>&1 \
     | tail -11 | tee "$R/finetune_run.log"
   cp runs/finetune/result.json "$R/finetune_run.json"
-  timed equijax train equijax/configs/hessian_finetune.yaml train.weights.hessian=0.0 \
+  timed equijax train equijax/configs/hessian_finetune.yaml $first train.weights.hessian=0.0 \
     train.weights.dipole_derivative=0.0 --output runs/finetune_control --restart --no-progress 2>&1 | tail -9 \
     | tee "$R/finetune_control_run.log"
   cp runs/finetune_control/result.json "$R/finetune_control_run.json"
-  # the Hessian term alone (no dipole-derivative term): which term costs force accuracy
-  equijax train equijax/configs/hessian_finetune.yaml train.weights.dipole_derivative=0.0 \
+  equijax train equijax/configs/hessian_finetune.yaml $first train.weights.dipole_derivative=0.0 \
     --output runs/finetune_d0 --restart --no-progress 2>&1 | tail -9
   python experiments/vibrations_study.py --parts b --compare before=runs/dipole/model.npz \
     control=runs/finetune_control/model.npz after=runs/finetune/model.npz no_dmu=runs/finetune_d0/model.npz
+  # (2) the Hessian term in normal modes (train.hessian_metric=frequency): the fine-tuning recipe, the same
+  # without the displacement term, training from the start at 32 channels, and its control without Hessians
+  equijax train equijax/configs/hessian_finetune.yaml --output runs/freq_D --restart --no-progress 2>&1 | tail -9
+  equijax train equijax/configs/hessian_finetune.yaml train.weights.hessian=1.0e-4 train.weights.displacement=0.0 \
+    --output runs/freq_A --restart --no-progress 2>&1 | tail -9
+  timed equijax train equijax/configs/hessian_scratch.yaml --output runs/freq_E32 --restart --no-progress 2>&1 \
+    | tail -11 | tee "$R/hessian_scratch_run.log"
+  cp runs/freq_E32/result.json "$R/hessian_scratch_run.json"
+  equijax train equijax/configs/hessian_scratch.yaml train.weights.hessian=0.0 train.weights.dipole_derivative=0.0 \
+    train.weights.displacement=0.0 --output runs/scratch32_control --restart --no-progress 2>&1 | tail -9 \
+    | tee "$R/hessian_scratch_control_run.log"
+  python experiments/vibrations_study.py --parts b --compare scratch32_freq=runs/freq_E32/model.npz \
+    finetune_freq_disp=runs/freq_D/model.npz finetune_freq=runs/freq_A/model.npz \
+    scratch32_control=runs/scratch32_control/model.npz --out "$R/vibrations_study_frequency_metric.json"
   python experiments/hessian_loss_cost.py
 fi

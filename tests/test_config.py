@@ -38,6 +38,8 @@ def test_defaults_fill_in_and_the_shipped_configs_are_valid():
     assert metals["train"]["weights"]["stress"] > 0
     assert metals["train"]["plateau_factor"] == 0.5  # not in the file: the schema's default
     assert set(default) == set(config_lib.SCHEMA)
+    for shipped in sorted((config_lib.PACKAGE / "configs").glob("*.yaml")):  # every shipped recipe validates
+        assert set(config_lib.load(shipped.name)) == set(config_lib.SCHEMA), shipped.name
     # YAML 1.1 reads 1e-4 (no dot) as a string: a number key takes it as the number it plainly is
     assert config_lib.load(None, ["train.weights.hessian=1e-4"])["train"]["weights"]["hessian"] == 1e-4
     with pytest.raises(config_lib.ConfigError, match="must be a number"):
