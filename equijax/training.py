@@ -64,6 +64,8 @@ _REPORTED = {"frequency": 1.0}
 #: wavenumber (cm⁻¹) of a mass-weighted Hessian eigenvalue of 1 eV/Å²/amu: ω = C·√λ
 WAVENUMBER = 521.4709
 HESSIAN_METRICS = ("cartesian", "frequency")
+#: soft modes below this wavenumber (cm⁻¹) weigh as if they were at it: no division by near-zero eigenvalues
+MODE_FLOOR_CM = 100.0
 
 
 def _graph_of_node(graph):
@@ -164,7 +166,7 @@ def _label_modes(graph, floor_cm: float):
     return jax.lax.stop_gradient(rows), jax.lax.stop_gradient(lam.reshape(n_graph, 1, width, 3)[graph_of_node])
 
 
-def frequency_basis(graph, floor_cm: float = 100.0):
+def frequency_basis(graph, floor_cm: float = MODE_FLOOR_CM, modes=None):
     """(n_node, 3, W, 3) ``T``: the labelled Hessians' normal modes, scaled so that errors read in cm⁻¹.
 
     Per structure (the layout of ``nodes["hessian"]``; rows are Cartesian
@@ -179,18 +181,18 @@ def frequency_basis(graph, floor_cm: float = 100.0):
     its frequency: soft torsions, which an unweighted ``H v`` loss leaves to
     the stiff stretches, count as much as they move the spectrum.
     """
-    rows, lam = _label_modes(graph, floor_cm)
+    rows, lam = _label_modes(graph, floor_cm) if modes is None else modes  # (one eigh per step for both terms)
     return rows * jnp.sqrt(WAVENUMBER / 2) * lam**-0.25
 
 
-def displacement_basis(graph, floor_cm: float = 100.0):
+def displacement_basis(graph, floor_cm: float = MODE_FLOOR_CM, modes=None):
     """(n_node, 3, W, 3) ``B = M^-1/2 U |Λ|^-1/2`` (:func:`_label_modes`): ``B B^T = H⁺``, the inverse Hessian.
 
     ``B B^T δF`` is the Newton step of a force error ``δF``: how far (Å) it
     moves the minimum, to first order. Soft modes, where a small force error
     puts the minimum somewhere else (a torsion), weigh most.
     """
-    rows, lam = _label_modes(graph, floor_cm)
+    rows, lam = _label_modes(graph, floor_cm) if modes is None else modes
     return rows * lam**-0.5
 
 
@@ -200,10 +202,10 @@ def _modes_times(basis, graph, r):
     return jax.ops.segment_sum(per_node, _graph_of_node(graph), graph.n_node.shape[0]).swapaxes(0, 1)
 
 
-def newton_step(graph, df, floor_cm: float = 100.0):
+def newton_step(graph, df, floor_cm: float = MODE_FLOOR_CM, modes=None):
     """(n_node, 3) ``H⁺ δF`` per Hessian-labelled structure (Å): where the force error ``df`` (n_node, 3) moves
     the minimum, to first order; zero elsewhere."""
-    basis = displacement_basis(graph, floor_cm)
+    basis = displacement_basis(graph, floor_cm, modes)
     c = _modes_times(basis, graph, df[None])[0]  # (n_graph, W, 3): B^T δF, mode (j, b) of each structure
     graph_of_node = _graph_of_node(graph)
     first = jnp.cumsum(graph.n_node) - graph.n_node
@@ -241,9 +243,12 @@ def _errors(energy_fn, with_stress, dipole_fn=None, hessian_directions_k: int = 
 
     def fn(params, graph, key):
         if hessian_directions_k:
+            # the labels' normal modes, once for the frequency metric and the displacement term alike
+            need_modes = hessian_metric == "frequency" or with_displacement
+            modes = _label_modes(graph, MODE_FLOOR_CM) if need_modes else None
             v = hessian_directions(graph, key, hessian_directions_k)
             if hessian_metric == "frequency":
-                basis = frequency_basis(graph)
+                basis = frequency_basis(graph, modes=modes)
                 v = _rows_times(basis, graph, v)
             if with_stress:
                 out = derive(params, graph)
@@ -280,7 +285,7 @@ def _errors(energy_fn, with_stress, dipole_fn=None, hessian_directions_k: int = 
                 sums.update(hessian_sq=(dh**2).sum(), hessian_abs=jnp.abs(dh).sum(),
                             n_hessian=3 * hessian_directions_k * hmask.sum())
             if with_displacement:
-                dx = jnp.where(hmask[:, None], newton_step(graph, df), 0.0)
+                dx = jnp.where(hmask[:, None], newton_step(graph, df, modes=modes), 0.0)
                 sums.update(displacement_sq=(dx**2).sum(), displacement_abs=jnp.abs(dx).sum(),
                             n_displacement=3 * hmask.sum())
             if with_dipole_derivative:
