@@ -64,5 +64,9 @@ if [[ $what == all || $what == hessian ]]; then
   python experiments/vibrations_study.py --parts b --compare scratch32_freq=runs/freq_E32/model.npz \
     finetune_freq_disp=runs/freq_D/model.npz finetune_freq=runs/freq_A/model.npz \
     scratch32_control=runs/scratch32_control/model.npz --out "$R/vibrations_study_frequency_metric.json"
+  # per mode, stretches vs the rest, at both minima; ethanol's conformer; forces at GFN2-xTB's minimum
+  python experiments/mode_errors.py before=runs/dipole/model.npz cartesian_finetune=runs/finetune/model.npz \
+    finetune_freq=runs/freq_A/model.npz finetune_freq_disp=runs/freq_D/model.npz \
+    scratch32_control=runs/scratch32_control/model.npz scratch32_freq=runs/freq_E32/model.npz
   python experiments/hessian_loss_cost.py
 fi
