@@ -20,35 +20,13 @@ structure outgrows it (geometrically, so rarely).
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
-
 import jax
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
-from equijax import checkpoint, graph as graph_lib, physics
+from equijax import checkpoint, graph as graph_lib
+from equijax.compiled import compiled
 from ase.stress import full_3x3_to_voigt_6_stress
-
-
-class Compiled(NamedTuple):
-    energy_forces_stress: object  # jitted physics.energy_forces_stress
-    hessian: object  # jitted dense or chunked Hessian
-    members: object = None  # committees: jitted ensemble.predict (every member's prediction)
-
-
-@functools.lru_cache(maxsize=16)
-def compiled(model, hessian_batch_size=None) -> Compiled:
-    """Jitted functions of a model, shared by every calculator and analysis of it,
-    so that a new calculator on the same model compiles nothing again."""
-    hess = physics.hessian(model.energy) if hessian_batch_size is None else \
-        physics.hessian_chunked(model.energy, hessian_batch_size)
-    members = None
-    if model.member is not None:
-        from equijax import ensemble
-
-        members = jax.jit(lambda params, graph: ensemble.predict(model, params, graph))
-    return Compiled(jax.jit(physics.energy_forces_stress(model.energy)), jax.jit(hess), members)
 
 
 class EquijaxCalculator(Calculator):
@@ -58,7 +36,8 @@ class EquijaxCalculator(Calculator):
         checkpoint_path: a model file (``model.npz``) or checkpoint written by
             ``equijax train`` (EMA parameters), or ``None`` with ``model`` and
             ``params``. Files are read without unpickling anything.
-        model, params: a :class:`equijax.Potential` and its parameters.
+        model: a :class:`equijax.Potential`.
+        params: its parameters.
         hessian_batch_size: columns per batch of the memory-bounded Hessian;
             ``None`` uses the dense Hessian.
         backend: message-passing backend for a model read from a file
@@ -70,8 +49,8 @@ class EquijaxCalculator(Calculator):
 
     On a CPU, start the Python that uses this calculator with
     ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (the ``equijax`` command does so
-    itself): XLA's large buffers then come in huge pages, 1.7–2.0× faster
-    calls (:mod:`equijax.hugepages`; glibc reads it only at start-up, so the
+    itself): XLA's large buffers then come in huge pages, faster calls
+    (:mod:`equijax.hugepages`; glibc reads it only at start-up, so the
     calculator cannot switch it on).
     """
 
@@ -90,7 +69,8 @@ class EquijaxCalculator(Calculator):
             raise ValueError("give a checkpoint path, or both model and params")
         self.model, self.params = model, params
         self.dtype = np.float64 if model.config.dtype == "float64" else np.float32
-        self._efs, self._hessian, self._members = compiled(model, hessian_batch_size)
+        fns = compiled(model, hessian_batch_size)
+        self._efs, self._hessian, self._members = fns.energy_forces_stress, fns.hessian, fns.members
         self.capacity = None  # padded (n_node, n_edge, n_graph), grown on demand
 
     def _graph(self, atoms):

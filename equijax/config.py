@@ -143,6 +143,17 @@ SCHEMA: dict = {
     },
 }
 
+def default(name: str):
+    """The schema's default of the dotted key ``name`` (``default("model.channels")``): the one source of
+    defaults, which the library's own (:class:`equijax.NequIPConfig`, the optimiser, the loss) read."""
+    node = SCHEMA
+    for part in name.split("."):
+        node = node[part]
+    if isinstance(node, dict):
+        raise KeyError(f"{name} is a section, not a key")
+    return tuple(node.default) if isinstance(node.default, list) else node.default
+
+
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
                "ints": "a list of integers", "floats": "a list of numbers", "paths": "a path or a list of paths",
                "mapping": "a JSON file or a mapping {element: number}"}
@@ -232,7 +243,52 @@ def validate(config: dict) -> dict:
             raise ConfigError(f"{name} must be at least 1, got {config[section][key]}")
     if config["model"]["l_max"] < 0 or config["model"]["cutoff"] <= 0:
         raise ConfigError("model.l_max must be >= 0 and model.cutoff > 0")
+    _check_rules(config)
     return config
+
+
+def _check_rules(config: dict) -> None:
+    """The rules between keys: every one of them is here, checked before any data is read."""
+    data, train = config["data"], config["train"]
+    weights = train["weights"]
+    if data["energy_shift"] == "e0s" and data["e0s"] is None:
+        raise ConfigError("data.energy_shift=e0s needs data.e0s (isolated-atom energies)")
+    if train["init"] and train["ensemble"] != 1:
+        raise ConfigError("train.init fine-tunes one model: use train.ensemble=1")
+    for key, what in (("dipole_derivative", "shares the Hessian term's directions"),
+                      ("displacement", "needs the Hessian labels of the Hessian term")):
+        if weights[key] > 0 and weights["hessian"] <= 0:
+            raise ConfigError(f"train.weights.{key} {what}: give train.weights.hessian > 0 too")
+    if any(w < 0 for w in weights.values()):
+        raise ConfigError(f"loss weights must not be negative, got {weights}")
+
+
+def _section_type(name: str, schema: dict):
+    fields = [(k, _section_type(k.capitalize(), v) if isinstance(v, dict) else object) for k, v in schema.items()]
+    return NamedTuple(name, fields)
+
+
+#: the typed form of a validated config: ``Sections(output, data, model, train)``, ``train.weights`` nested
+Sections = _section_type("Sections", SCHEMA)
+
+
+def sections(config: dict):
+    """A validated config as typed, read-only sections: ``s.train.batch_size``, ``s.train.weights.forces``.
+
+    Raises:
+        ConfigError: as :func:`validate` (the config is validated first).
+    """
+    config = validate(config)
+
+    def build(cls, values):
+        return cls(**{k: build(cls.__annotations__[k], v) if isinstance(v, dict) and k in _nested(cls) else v
+                      for k, v in values.items()})
+
+    return build(Sections, config)
+
+
+def _nested(cls) -> set:
+    return {k for k, t in cls.__annotations__.items() if isinstance(t, type) and issubclass(t, tuple)}
 
 
 def apply_overrides(config: dict, overrides=()) -> dict:

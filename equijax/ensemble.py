@@ -20,20 +20,18 @@ member initialised from its own key), in one compiled program
 (:mod:`equijax.training`). ``"vmap"`` evaluates the
 members side by side (``jax.vmap``: one wide program, what accelerators
 want); ``"map"`` evaluates them one after another inside the same program
-(``jax.lax.map``: same numbers, and on a 2-core CPU the faster one, because
-vmapped per-edge tensors of K members are transposed and copied more than
-they are computed on; see ``experiments/ensemble_study.py``). ``"auto"``
+(``jax.lax.map``: same numbers; on CPU vmapped per-edge tensors of K members
+are transposed and copied more than they are computed on, measured by
+``experiments/ensemble_study.py``). ``"auto"``
 picks ``map`` on CPU and ``vmap`` on GPU/TPU.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from equijax import physics
 
@@ -156,171 +154,3 @@ def force_spread(forces) -> jax.Array:
     :func:`variance`: K identical members give exactly zero).
     """
     return jnp.sqrt(jnp.sum(variance(forces), axis=-1))
-
-
-class Errors(NamedTuple):
-    """Per-atom and per-structure spreads and errors of a committee on labelled data.
-
-    Attributes:
-        force_spread: (n_atom,) eV/Å, :func:`force_spread`.
-        force_error: (n_atom,) eV/Å, ``|mean_K F - F_ref|``.
-        energy_spread: (n_frame,) eV/atom, std over members of the energy per atom.
-        energy_error: (n_frame,) eV/atom, ``|mean_K E - E_ref| / n_atoms``.
-    """
-
-    force_spread: np.ndarray
-    force_error: np.ndarray
-    energy_spread: np.ndarray
-    energy_error: np.ndarray
-
-
-def errors(model, params, dataset, strategy: str = "auto") -> Errors:
-    """:class:`Errors` of a committee over every structure of an :class:`equijax.data.Dataset`."""
-    fn = _predict_shards(model, strategy)
-    out = {name: [] for name in Errors._fields}
-    for batch in dataset.batches():
-        pred = jax.device_get(fn(params, batch))
-        g = jax.device_get(batch)
-        for s in range(g.n_node.shape[0]):
-            nm, gm = g.nodes["mask"][s], g.globals["mask"][s]
-            forces = pred.forces[s][:, nm]  # (K, n_atom, 3)
-            out["force_spread"].append(np.asarray(force_spread(forces)))
-            out["force_error"].append(np.linalg.norm(forces.mean(0) - g.nodes["forces"][s][nm], axis=-1))
-            n = g.n_node[s][gm]
-            energy = pred.energy[s][:, gm]
-            out["energy_spread"].append(np.sqrt(np.asarray(variance(energy))) / n)
-            out["energy_error"].append(np.abs(energy.mean(0) - g.globals["energy"][s][gm]) / n)
-    return Errors(*(np.concatenate(out[name]).astype(float) for name in Errors._fields))
-
-
-@functools.lru_cache(maxsize=8)
-def _predict_shards(model, strategy: str):
-    """Jitted :func:`predict` over the shard axis of stacked batches, compiled once per model."""
-    return jax.jit(jax.vmap(lambda p, g: predict(model, p, g, strategy), in_axes=(None, 0)))
-
-
-def summary(e: Errors) -> dict:
-    """:func:`calibration` of the force spreads, plus the energies' Spearman ρ and the
-    mean per-atom force spread and error (meV/Å)."""
-    out = calibration(e.force_spread, e.force_error)
-    out["energy_spearman"] = spearman(e.energy_spread, e.energy_error) if len(e.energy_error) > 2 else float("nan")
-    out["mean_force_spread_meV_A"] = 1000 * float(e.force_spread.mean())
-    out["mean_force_error_meV_A"] = 1000 * float(e.force_error.mean())
-    return out
-
-
-def force_calibration(model, params, dataset, strategy: str = "auto") -> dict:
-    """:func:`summary` of a committee's :func:`errors` on ``dataset``."""
-    return summary(errors(model, params, dataset, strategy))
-
-
-def plot_calibration(calibrations: dict, path, title: str = "calibration") -> None:
-    """RMS force error against mean spread per spread decile, one line per data set (PNG).
-
-    ``calibrations``: ``{label: calibration dict}`` (:func:`calibration`).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    lo, hi = np.inf, 0.0
-    for label, cal in calibrations.items():
-        x = [1000 * b["spread"] for b in cal["bins"]]
-        y = [1000 * b["rms_error"] for b in cal["bins"]]
-        ax.plot(x, y, "o-", label=f"{label}, ρ={cal['spearman']:.2f}")
-        lo, hi = min(lo, *x, *y), max(hi, *x, *y)
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="error = spread")
-    ax.set(xscale="log", yscale="log", xlabel="force spread of the members, decile mean (meV/Å)",
-           ylabel="RMS force error in the decile (meV/Å)", title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-def memory_needed(compiled) -> int | None:
-    """Bytes a compiled step holds at its peak (arguments, outputs, temporaries), if XLA says."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001: not every backend reports it
-        return None
-    if m is None:
-        return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
-
-
-def memory_available(device=None) -> int | None:
-    """Bytes free on ``device`` (an accelerator's limit, or the host's available memory)."""
-    device = device or jax.devices()[0]
-    if device.platform != "cpu":
-        try:
-            stats = device.memory_stats() or {}
-            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-        except Exception:  # noqa: BLE001
-            return None
-    try:
-        with open("/proc/meminfo") as f:
-            info = {l.split(":")[0]: l.split()[1] for l in f}
-        return int(info["MemAvailable"]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def check_memory(compiled, members: int, device=None, what: str = "train.ensemble") -> None:
-    """Raise a clear error when a compiled K-member step cannot fit in memory.
-
-    Raises:
-        MemoryError: with the need, the room and the largest K that fits.
-    """
-    need, room = memory_needed(compiled), memory_available(device)
-    if need is None or room is None or need <= room:
-        return
-    per_member = need / members
-    fits = int(room // per_member)
-    raise MemoryError(f"{what}={members} needs about {need / 2**30:.1f} GiB per step and the device has "
-                      f"{room / 2**30:.1f} GiB free: use {what}={max(fits, 1)} or fewer, or a smaller batch")
-
-
-def spearman(x, y) -> float:
-    """Spearman rank correlation of two 1-D arrays (average ranks for ties)."""
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(np.asarray(x), np.asarray(y)).statistic)
-
-
-def calibration(spread, error, bins: int = 10, quantile: float = 0.9) -> dict:
-    """How well a predicted spread ranks and sizes the actual errors.
-
-    Args:
-        spread: (n,) predicted per-atom force spreads (eV/Å).
-        error: (n,) actual per-atom force errors ``|F_pred - F_ref|`` (eV/Å).
-        bins: spread bins of equal counts for the calibration curve.
-        quantile: errors above this quantile of ``error`` count as large; the
-            threshold on the spread flags the same number of atoms.
-
-    Returns:
-        dict: ``spearman``; ``bins`` (mean spread and RMS error per bin);
-        ``large_error`` and ``threshold`` (eV/Å); ``caught`` (fraction of
-        large errors whose spread is above the threshold, 1 - quantile for a
-        spread that knows nothing); ``scale``, ``sqrt(mean(error²) /
-        mean(spread²))``: the factor that turns the spread into an RMS error
-        bar on these data (fit it on held-out data, apply it elsewhere).
-    """
-    spread, error = np.asarray(spread, float), np.asarray(error, float)
-    order = np.argsort(spread)
-    groups = np.array_split(order, bins)
-    large = np.quantile(error, quantile)
-    threshold = np.quantile(spread, quantile)
-    is_large = error > large
-    return {
-        "spearman": spearman(spread, error),
-        "bins": [{"spread": float(spread[g].mean()), "rms_error": float(np.sqrt((error[g] ** 2).mean())),
-                  "n": int(len(g))} for g in groups if len(g)],
-        "large_error": float(large), "threshold": float(threshold),
-        "caught": float((spread[is_large] > threshold).mean()) if is_large.any() else float("nan"),
-        "quantile": quantile, "n": int(len(error)),
-        "scale": float(np.sqrt((error**2).mean() / max((spread**2).mean(), 1e-300))),
-    }

@@ -4,13 +4,11 @@ Why. XLA on CPU allocates each call's temporaries (for the benchmark model
 about a gigabyte) with ``malloc``. glibc serves blocks above its mmap
 threshold, which it caps at 32 MiB, with a fresh ``mmap`` and returns them
 with ``munmap`` when freed, so every call faults its memory in again, one
-4 KiB page at a time, and the kernel zero-fills each page: 284,000 minor
-faults and 0.46 s of system time per W1 call went there
-(``experiments/benchmark.py`` records both). glibc's tunable
+4 KiB page at a time, and the kernel zero-fills each page
+(``experiments/benchmark.py`` records the faults and the system time). glibc's tunable
 ``glibc.malloc.hugetlb=1`` (glibc ≥ 2.35) asks the kernel for transparent
-huge pages on those blocks (``madvise(MADV_HUGEPAGE)``): 300 times fewer
-faults, and 1.7–2.0× faster W1–W4 calls on a 2-core CPU
-(``benchmark_cpu.json``).
+huge pages on those blocks (``madvise(MADV_HUGEPAGE)``): far fewer faults and
+faster calls (docs: results/performance).
 
 How. glibc reads tunables once, when a process starts, so a library cannot
 switch this on inside a running interpreter. The ``equijax`` command

@@ -19,11 +19,7 @@ import jax
 import numpy as np
 from ase import units
 
-from equijax import graph as graph_lib, physics
-
-#: sqrt(eV / (Å² amu)) in cm⁻¹
-_TO_CM = np.sqrt(units._e / units._amu) * 1e10 / (2 * np.pi * units._c * 100)
-
+from equijax import graph as graph_lib, modes, physics
 
 class ForceConstants(NamedTuple):
     primitive: object  # ase.Atoms
@@ -75,7 +71,7 @@ def frequencies(fc: ForceConstants, kpts_fractional) -> np.ndarray:
     out = []
     for k in np.atleast_2d(kpts_fractional):
         lam = np.linalg.eigvalsh(dynamical_matrix(fc, np.asarray(k) @ recip))
-        out.append(np.sign(lam) * np.sqrt(np.abs(lam)) * _TO_CM)
+        out.append(modes.to_wavenumber(lam))
     return np.array(out)
 
 

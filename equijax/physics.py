@@ -102,8 +102,8 @@ def hessian(energy_fn: EnergyFn, mode: str = "reverse"):
     """``(params, graph) -> (n_node, 3, n_node, 3)`` dense Hessian, eV/Å².
 
     ``mode="reverse"``: reverse-over-reverse (``jax.jacrev`` of the forces),
-    whose 3N backward passes share one forward pass; it was 1.3× faster than
-    forward-over-reverse for aspirin on CPU. ``mode="forward"``:
+    whose 3N backward passes share one forward pass (which route is faster
+    depends on the backend and device: docs, results/performance). ``mode="forward"``:
     forward-over-reverse (``jax.jacfwd`` of the forces, as ``jax.hessian``),
     3N tangents pushed through one gradient. For a batch of several
     structures the result is block diagonal. Use it for small molecules,

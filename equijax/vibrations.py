@@ -14,65 +14,19 @@ thermochemistry classes do the rest.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from ase import units
 from ase.vibrations import VibrationsData
 
-from equijax import graph as graph_lib, physics
-
-@functools.lru_cache(maxsize=8)
-def _nequip64(config):
-    from equijax.models import nequip
-
-    return nequip(config)  # cached: repeated analyses reuse compiled functions
-
-
-def float64_model(model, params):
-    """The same potential evaluated in float64 (needs ``jax_enable_x64``).
-
-    A float32 model is rebuilt from its config (the standard NequIP blocks);
-    a float64 model is returned as it is.
-
-    Raises:
-        RuntimeError: float64 is not enabled in JAX.
-    """
-    if not jax.config.jax_enable_x64:
-        raise RuntimeError("vibrational analysis needs float64: call "
-                           "jax.config.update('jax_enable_x64', True) before building graphs")
-    if model.config.dtype == "float64":
-        return model, params  # as it is: it may carry its own interaction block
-    model64 = _nequip64(model.config.replace(dtype="float64"))
-    params64 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
-    return model64, params64
-
+from equijax import graph as graph_lib, modes
+from equijax.compiled import compiled
+from equijax.models import float64_model
 
 def rigid_body_basis(positions: np.ndarray, masses: np.ndarray, periodic: bool) -> np.ndarray:
-    """Orthonormal basis (3N, k) of mass-weighted rigid-body motions.
-
-    Three translations, plus rotations about the centre of mass for
-    molecules; ``k`` is 6, 5 for linear molecules (found from the rank), or 3.
-    """
-    n = len(positions)
-    sqrt_m = np.sqrt(masses)
-    vectors = []
-    for axis in range(3):
-        t = np.zeros((n, 3))
-        t[:, axis] = 1.0
-        vectors.append((t * sqrt_m[:, None]).ravel())
-    if not periodic:
-        com = (masses[:, None] * positions).sum(0) / masses.sum()
-        r = positions - com
-        for axis in range(3):
-            e = np.zeros(3)
-            e[axis] = 1.0
-            vectors.append((np.cross(e, r) * sqrt_m[:, None]).ravel())
-    u, s, _ = np.linalg.svd(np.stack(vectors, axis=1), full_matrices=False)
-    return u[:, s > 1e-6 * s.max()]
+    """(3N, 6) orthonormal mass-weighted rigid-body motions (:func:`equijax.modes.rigid_body_basis`)."""
+    return modes.rigid_body_basis(np.asarray(positions, float), np.asarray(masses, float), periodic)
 
 
 def project_hessian(hessian_2d: np.ndarray, atoms) -> tuple[np.ndarray, int]:
@@ -80,23 +34,12 @@ def project_hessian(hessian_2d: np.ndarray, atoms) -> tuple[np.ndarray, int]:
 
     Returns:
         ``(projected Cartesian Hessian, number of rigid-body modes)``;
-        the projection is done in mass-weighted coordinates.
+        the projection is done in mass-weighted coordinates
+        (:func:`equijax.modes.project_rigid`).
     """
-    masses = atoms.get_masses()
-    periodic = bool(np.any(atoms.pbc))
-    basis = rigid_body_basis(atoms.positions, masses, periodic)
-    p = np.eye(len(hessian_2d)) - basis @ basis.T
-    w = np.repeat(1.0 / np.sqrt(masses), 3)
-    mw = hessian_2d * w[:, None] * w[None, :]
-    mw = p @ mw @ p
-    mw = 0.5 * (mw + mw.T)
-    return mw / w[:, None] / w[None, :], basis.shape[1]
-
-
-#: (D/Å)²/amu -> km/mol, the conversion ASE's Infrared uses
-KM_PER_MOL = 42.255
-#: e·Å in Debye
-E_ANGSTROM_IN_DEBYE = 1.0 / 0.20819434
+    projected, basis = modes.project_rigid(np.asarray(hessian_2d, float), atoms.positions, atoms.get_masses(),
+                                           bool(np.any(atoms.pbc)))
+    return projected, int(modes.n_rigid(basis))
 
 
 class VibrationalResult(NamedTuple):
@@ -109,23 +52,18 @@ class VibrationalResult(NamedTuple):
     def normal_modes(self):
         """``(frequencies_cm (M,), modes (M, 3N))``: mass-weighted orthonormal eigenvectors,
         rigid-body modes dropped, ascending; imaginary frequencies negative."""
-        w = np.repeat(1.0 / np.sqrt(self.atoms.get_masses()), 3)
-        mw = self.hessian * w[:, None] * w[None, :]
-        lam, vec = np.linalg.eigh(0.5 * (mw + mw.T))
-        keep = np.sort(np.argsort(np.abs(lam))[self.n_rigid :])
-        lam, vec = lam[keep], vec[:, keep]
-        # sqrt(eV/(Å² amu)) -> cm⁻¹
-        to_cm = np.sqrt(units._e / units._amu) * 1e10 / (2 * np.pi * units._c * 100)
-        return np.sign(lam) * np.sqrt(np.abs(lam)) * to_cm, vec.T
+        lam, vec, vibration = modes.normal_modes(self.hessian, self.atoms.positions, self.atoms.get_masses(),
+                                                 bool(np.any(self.atoms.pbc)))
+        return modes.to_wavenumber(lam[vibration]), vec[:, vibration].T
 
     def ir_intensities(self) -> np.ndarray:
         """IR intensities (km/mol) of the modes of :meth:`normal_modes`, from dμ/dQ."""
         if self.dipole_derivative is None:
             raise ValueError("no dipole derivative: call vibrate(..., ir=True) with a model trained on dipoles")
-        _, modes = self.normal_modes()
+        _, vectors = self.normal_modes()
         w = np.repeat(1.0 / np.sqrt(self.atoms.get_masses()), 3)
-        dmu_dq = (modes * w[None, :]) @ self.dipole_derivative  # (M, 3) e/sqrt(amu)
-        return KM_PER_MOL * (E_ANGSTROM_IN_DEBYE**2) * (dmu_dq**2).sum(1)
+        dmu_dq = (vectors * w[None, :]) @ self.dipole_derivative  # (M, 3) e/sqrt(amu)
+        return modes.KM_PER_MOL * (modes.E_ANGSTROM_IN_DEBYE**2) * (dmu_dq**2).sum(1)
 
     @property
     def frequencies_cm(self) -> np.ndarray:
@@ -165,8 +103,6 @@ class VibrationalResult(NamedTuple):
 
 def hessian_2d(model, params, atoms, batch_size: int | None = None) -> np.ndarray:
     """(3N, 3N) Cartesian Hessian (eV/Å²) of one structure, dense or chunked (compiled once per size)."""
-    from equijax.calculator import compiled
-
     fn = compiled(model, batch_size).hessian
     g = graph_lib.build_graph([atoms], model.config.cutoff, species=model.config.species,
                               dtype=np.dtype(model.config.dtype), pad_to="tight")
@@ -189,12 +125,10 @@ def vibrate_many(model, params, molecules, ir: bool = False) -> list[Vibrational
     graphs = [graph_lib.build_graph([a], cfg.cutoff, species=cfg.species, dtype=np.float64, pad_to=sizes)
               for a in molecules]
     stacked = graph_lib.stack_graphs(graphs)
-    hessians = np.asarray(jax.jit(jax.vmap(physics.hessian(model64.energy), in_axes=(None, 0)))(params64, stacked))
+    fns = compiled(model64).stacked
+    hessians = np.asarray(fns.hessian(params64, stacked))
     if ir:
-        def mu(g, positions):
-            return model64.dipole(params64, physics.with_positions(g, positions))[0]
-
-        dmus = np.asarray(jax.jit(jax.vmap(lambda g: jax.jacrev(lambda p: mu(g, p))(g.nodes["positions"])))(stacked))
+        dmus = np.asarray(fns.dipole_derivative(params64, stacked))
     results = []
     for k, atoms in enumerate(molecules):
         n = len(atoms)
@@ -212,10 +146,7 @@ def dipole_derivative(model, params, atoms) -> np.ndarray:
                               dtype=np.dtype(model.config.dtype), pad_to="tight")
     n = len(atoms)
 
-    def mu(positions):
-        return model.dipole(params, physics.with_positions(g, positions))[0]
-
-    d = np.asarray(jax.jit(jax.jacrev(mu))(g.nodes["positions"]))  # (3, n_node, 3)
+    d = np.asarray(compiled(model).dipole_derivative(params, g))  # (3, n_node, 3)
     return d[:, :n, :].reshape(3, 3 * n).T
 
 
@@ -224,7 +155,8 @@ def vibrate(model, params, atoms, relax: bool = False, fmax: float = 1e-3, batch
     """Relax (optionally), then harmonic analysis of ``atoms`` in float64.
 
     Args:
-        model, params: a potential (any dtype: it is re-evaluated in float64).
+        model: a potential (any dtype: it is re-evaluated in float64).
+        params: its parameters.
         atoms: an ``ase.Atoms``; a copy is relaxed, the input is not changed.
         relax: BFGS relaxation to ``fmax`` (eV/Å) first.
         batch_size: Hessian columns per batch (memory-bounded); ``None``: dense.
@@ -317,11 +249,10 @@ def normal_mode_samples(atoms, hessian: np.ndarray, temperature: float, n_sample
     around the minimum ``atoms``. ``hessian``: (3N, 3N) or (N, 3, N, 3), eV/Å².
     """
     n = len(atoms)
-    projected, n_rigid = project_hessian(np.reshape(hessian, (3 * n, 3 * n)), atoms)
+    w2, vectors, vibration = modes.normal_modes(np.reshape(hessian, (3 * n, 3 * n)), atoms.positions,
+                                                atoms.get_masses(), bool(np.any(atoms.pbc)))
+    w2, vectors = np.abs(w2[vibration]), vectors[:, vibration]  # eV/(Å² amu)
     inv_sqrt_m = np.repeat(atoms.get_masses() ** -0.5, 3)
-    w2, vectors = np.linalg.eigh(projected * np.outer(inv_sqrt_m, inv_sqrt_m))  # eV/(Å² amu)
-    order = np.argsort(np.abs(w2))[n_rigid:]  # the rigid-body modes are the projected-out zeros
-    w2, vectors = np.abs(w2[order]), vectors[:, order]
     kt = units.kB * temperature
     out = []
     for _ in range(n_samples):
@@ -332,21 +263,22 @@ def normal_mode_samples(atoms, hessian: np.ndarray, temperature: float, n_sample
     return out
 
 
-def match_modes(reference: np.ndarray, modes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def match_modes(reference: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pair the modes of two analyses by the overlap of their eigenvectors, not by order.
 
     Args:
-        reference, modes: (M, 3N) mass-weighted orthonormal mode vectors
-            (:meth:`VibrationalResult.normal_modes`) of the same molecule.
+        reference: (M, 3N) mass-weighted orthonormal mode vectors
+            (:meth:`VibrationalResult.normal_modes`) of a molecule.
+        vectors: the same of another analysis of that molecule.
 
     Returns:
-        ``(index, overlap)``, both (M,): ``modes[index[i]]`` is the partner of
-        ``reference[i]`` (the assignment that maximises the total absolute
-        overlap) and ``overlap[i]`` its ``|<reference_i, modes_j>|`` in [0, 1].
+        ``(index, overlap)``, both (M,): ``vectors[index[i]]`` is the partner
+        of ``reference[i]`` (the assignment that maximises the total absolute
+        overlap) and ``overlap[i]`` its ``|<reference_i, vectors_j>|`` in [0, 1].
     """
     from scipy.optimize import linear_sum_assignment
 
-    o = np.abs(reference @ modes.T)
+    o = np.abs(reference @ vectors.T)
     rows, cols = linear_sum_assignment(-o)
     index = np.empty(len(reference), int)
     index[rows] = cols
@@ -371,7 +303,7 @@ def member_frequencies(model, params, result: VibrationalResult, batch_size: int
     for k in range(ensemble.size(params64)):
         h = hessian_2d(model64.member, ensemble.member(params64, k), result.atoms, batch_size)
         projected, _ = project_hessian(h, result.atoms)
-        freqs, modes = result._replace(hessian=projected).normal_modes()
-        index, _ = match_modes(reference, modes)
+        freqs, vectors = result._replace(hessian=projected).normal_modes()
+        index, _ = match_modes(reference, vectors)
         out.append(freqs[index])
     return np.array(out)

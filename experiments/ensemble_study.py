@@ -35,7 +35,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from equijax import checkpoint, config as config_lib, data, ensemble, io, training
+from equijax import calibration as calibration_lib, checkpoint, config as config_lib, data, ensemble, io, plots, training
 from equijax.models import NequIPConfig, nequip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,16 +143,16 @@ def calibration(model_path: Path) -> dict:
     out, pooled = {}, []
     for name, path in TEST_SETS.items():
         ds = data.Dataset(io.read(ROOT / path, species=cfg.species), cfg.cutoff, 16, cfg.species)
-        e = ensemble.errors(model, params, ds)
+        e = calibration_lib.errors(model, params, ds)
         pooled.append(e)
-        cal = out[name] = ensemble.summary(e)
+        cal = out[name] = calibration_lib.summary(e)
         print(f"{name}: Spearman {cal['spearman']:.2f} (energy {cal['energy_spearman']:.2f}); mean |F error| "
               f"{cal['mean_force_error_meV_A']:.0f} meV/Å, mean spread {cal['mean_force_spread_meV_A']:.0f} meV/Å; "
               f"top-10% spread catches {100 * cal['caught']:.0f}% of the top-10% errors; "
               f"RMS error / RMS spread {cal['scale']:.2f}", flush=True)
     # all test atoms together, as a user screening new structures would see them: known and unseen molecules
     spread, error = (np.concatenate([getattr(e, f) for e in pooled]) for f in ("force_spread", "force_error"))
-    cal = ensemble.calibration(spread, error)
+    cal = calibration_lib.calibration(spread, error)
     unseen = np.concatenate([np.full(len(e.force_error), name.startswith("malonaldehyde"))
                              for name, e in zip(TEST_SETS, pooled)])
     cal["flagged_unseen"] = float(unseen[spread > cal["threshold"]].mean())
@@ -195,8 +195,8 @@ def main():
               f"(sequential: 4x)", flush=True)
         result["end_to_end_repeat" if args.repeat else "end_to_end"] = runs
     result["calibration"] = calibration(runs_dir / "ensemble4" / "model.npz")
-    ensemble.plot_calibration({k: v for k, v in result["calibration"].items() if k != "all test atoms"},
-                              RESULTS / "ensemble_calibration.png", "4-member committee, per-atom forces")
+    plots.calibration({k: v for k, v in result["calibration"].items() if k != "all test atoms"},
+                      RESULTS / "ensemble_calibration.png", "4-member committee, per-atom forces")
     result_path.write_text(json.dumps(result, indent=1))
     print(f"wrote {result_path} and ensemble_calibration.png")
 

@@ -4,7 +4,7 @@ For ethanol and aspirin: each mode's frequency error against GFN2-xTB (modes
 paired by eigenvector overlap), split into X–H stretches (> 2500 cm⁻¹) and
 the rest; ethanol's H–O–C–C dihedral at each minimum (which conformer the
 model relaxes to); and the model's forces at GFN2-xTB's minimum (what moves
-its own minimum). The README's diagnosis of the Hessian training::
+its own minimum). The diagnosis of the Hessian training (docs: results/hessian-training.md)::
 
     python experiments/mode_errors.py LABEL=MODEL ...   # -> experiments/results/mode_errors.json
 """

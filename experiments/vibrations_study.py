@@ -1,4 +1,4 @@
-"""Validation of the vibrational workflow (results in the README).
+"""Validation of the vibrational workflow (results in docs/results/vibrations.md).
 
 (a) autodiff Hessian vs ASE's finite-difference ``Vibrations`` run through our
     own calculator, on the same trained model: largest frequency difference.

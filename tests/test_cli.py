@@ -13,7 +13,7 @@ import pytest
 from ase.build import molecule
 import ase.io
 
-from equijax import cli
+from equijax import cli, config as config_lib
 
 
 def test_help_is_helpful(capsys):
@@ -33,7 +33,7 @@ def test_train_evaluate_vibrate(tmp_path, capsys):
     assert "force  MAE" in text and "zero forces" in text
     assert (out / "model.npz").exists() and (out / "learning_curve.png").exists()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    cli.main(["evaluate", str(out / "model.npz"), str(cli.Path(cli.__file__).parent / "data" / "ethanol_test.xyz"),
+    cli.main(["evaluate", str(out / "model.npz"), str(config_lib.PACKAGE / "data" / "ethanol_test.xyz"),
               "--output", str(tmp_path / "eval")])
     rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert rows[0]["frames"] == 100 and (tmp_path / "eval" / "ethanol_test_parity.png").exists()

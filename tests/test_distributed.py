@@ -1,4 +1,4 @@
-"""Several processes train as one: ``equijax train --distributed``, launched as the README says.
+"""Several processes train as one: ``equijax train --distributed``, launched as docs/how-to/many-processes.md says.
 
 Contract: two processes on this machine (one CPU device each, JAX's
 distributed runtime with a local coordinator, gloo collectives) give the
@@ -76,7 +76,7 @@ def test_two_processes_train_as_one_and_resume_across_processes(tmp_path):
     assert reports[1]["writes"] == [] and "equijax-checkpoint" in reports[0]["writes"]  # process 0 writes
     assert int(checkpoint.load(tmp_path / "two" / "checkpoint.npz")["step"]) == 4
 
-    # stage 2: the README's launch, resuming from the checkpoint of stage 1
+    # stage 2: the documented launch, resuming from the checkpoint of stage 1
     _two_processes([sys.executable, "-m", "equijax.cli", "train", "--distributed", "--no-progress", "--output", run,
                     *OVERRIDES], tmp_path)
     # the same global batches on one process with two devices, uninterrupted

@@ -121,8 +121,8 @@ def test_loss_is_zero_on_the_models_own_hessians_and_blind_to_padding(frames, ti
 
     # force data mixed in: a frame without Hessian labels adds nothing to the Hessian terms
     plain = io.read(DATA / "ethanol_train.xyz", index=":1")
-    sums = jax.jit(training.evaluator(model.energy, False, model.dipole, 3, True, metric))(
-        params, _batch(own + plain, model))
+    terms = training.Terms(dipole=True, hessian_directions=3, dipole_derivative=True, hessian_metric=metric)
+    sums = jax.jit(training.evaluator(model.energy, terms, model.dipole))(params, _batch(own + plain, model))
     assert float(sums[term + "_sq"]) < 1e-18 and float(sums["dipole_derivative_sq"]) < 1e-18
     # counted: 3N coordinates (cartesian) or 3N - 6 modes (frequency) per labelled structure and direction
     per_frame = 0 if metric == "cartesian" else 6

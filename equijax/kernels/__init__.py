@@ -72,7 +72,8 @@ def message_passing(plan, x, sh, weights, senders, receivers, n_node: int, backe
         x: (n_node, dim, C) node features, one copy of each input irrep per channel.
         sh: (n_edge, sh.dim) spherical harmonics of the edges.
         weights: (n_edge, n_paths, C) radial weights, zero on padding edges.
-        senders, receivers: (n_edge,) int node indices.
+        senders: (n_edge,) int node indices.
+        receivers: (n_edge,) int node indices.
         n_node: number of (padded) nodes.
         backend: ``"jax"`` or ``"cuequivariance"`` (resolved, not ``"auto"``).
 

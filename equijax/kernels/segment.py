@@ -20,11 +20,10 @@ def couple(a: jax.Array, x: jax.Array) -> jax.Array:
         (n_edge, K, C).
 
     The value is a sum of m broadcast products, which XLA fuses into one
-    loop (on CPU 2× faster than a batched matmul of these small blocks).
+    loop (on CPU faster than a batched matmul of these small blocks).
     Derivatives are batched matmuls (``einsum``) instead: their transposes,
     which reverse mode runs, are then matmuls too rather than one reduction
-    per component ``j`` re-reading the cotangent (1.7× faster forward plus
-    backward for the benchmark model's layer, ``experiments/benchmark.py``).
+    per component ``j`` re-reading the cotangent (docs: results/performance).
     The function is bilinear, so its JVP is exact to every order.
     """
     return sum(a[:, j, :, None] * x[:, j, None, :] for j in range(a.shape[1]))

@@ -9,12 +9,17 @@
 * :mod:`~equijax.loader.prefetch`: builds the next batches on a worker
   thread while the device runs the current step, and times the waits.
 
-:class:`equijax.data.Dataset` puts the three together.
+* :mod:`~equijax.loader.dataset`: :class:`Dataset` puts the three together
+  (also importable as ``equijax.data.Dataset``).
+* :mod:`~equijax.loader.statistics`: what the model takes from the
+  training data (energy shifts and scales, neighbour counts).
 """
 
 from equijax.loader.batching import Budget, budget_for, fixed_plan, pack, budget_plan
 from equijax.loader.prefetch import Prefetcher
 from equijax.loader.sources import LazyFile, Subset, concat, open_files, subset
+from equijax.loader.dataset import Dataset
+from equijax.loader.statistics import Statistics, energy_shift, statistics
 
 __all__ = ["Budget", "budget_for", "fixed_plan", "pack", "budget_plan", "Prefetcher", "LazyFile", "Subset",
-           "concat", "open_files", "subset"]
+           "concat", "open_files", "subset", "Dataset", "Statistics", "energy_shift", "statistics"]

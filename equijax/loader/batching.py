@@ -25,7 +25,8 @@ def budget_for(n_atoms: np.ndarray, n_edges: np.ndarray, batch_size: int) -> Bud
     """A budget that holds ``batch_size`` structures of mean size, and the largest one.
 
     Args:
-        n_atoms, n_edges: (n_structures,) sizes.
+        n_atoms: (n_structures,) atoms of each structure.
+        n_edges: (n_structures,) edges of each structure.
         batch_size: mean structures per shard wanted.
 
     The graph count may reach twice ``batch_size`` (small molecules fill the

@@ -95,7 +95,7 @@ class LazyFile(Sequence):
                 with open(self._plain, "rb") as f:
                     f.seek(start)
                     text = f.read(stop - start).decode()
-                atoms = next(read_xyz(_io.StringIO(text), 0))  # the format's reader: 40% less than ase.io.read
+                atoms = next(read_xyz(_io.StringIO(text), 0))  # the format's reader: cheaper than ase.io.read
             s = from_ase(atoms, with_labels=True)
         except Exception as err:
             raise ValueError(f"{self.path}: frame {i}: malformed ({type(err).__name__}: {err})") from err

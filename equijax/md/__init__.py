@@ -9,8 +9,11 @@
 * :mod:`equijax.md.integrators`: NVE (velocity Verlet), NVT (BAOAB Langevin,
   Nosé–Hoover chain), NPT (Langevin + stochastic cell rescaling) and FIRE, as
   pure ``init``/``step`` pairs to ``scan`` and ``vmap``.
-* :mod:`equijax.md.run`: :func:`simulate`, the chunked driver behind
-  ``equijax md`` (overflow replay, blow-up checks, extxyz/CSV/PNG output).
+* :mod:`equijax.md.programs`: the jitted, replica-vmapped chunk programs.
+* :mod:`equijax.md.run`: :func:`simulate`, the chunked host driver behind
+  ``equijax md`` (overflow replay, blow-up checks, exact resume).
+* :mod:`equijax.md.output`: trajectories (extxyz), log (CSV), restart state
+  and plot, kill-safe; :func:`read_trajectory` reads a run's complete frames.
 
     from equijax import md
     result = md.simulate(model, params, atoms, ensemble="nvt-langevin", temperature=300,
@@ -18,6 +21,8 @@
 """
 
 from equijax.md import integrators, neighbours, potential
+from equijax.md.output import LOG_COLUMNS, read_trajectory
 from equijax.md.run import ENSEMBLES, Frames, MDError, Result, simulate
 
-__all__ = ["ENSEMBLES", "Frames", "MDError", "Result", "simulate", "integrators", "neighbours", "potential"]
+__all__ = ["ENSEMBLES", "Frames", "LOG_COLUMNS", "MDError", "Result", "integrators", "neighbours", "potential",
+           "read_trajectory", "simulate"]

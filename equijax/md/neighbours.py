@@ -97,9 +97,9 @@ def images_needed(cell, radius: float) -> tuple:
 def choose_skin(cutoff: float) -> float:
     """Default skin: 0.25 Å, at most a tenth of the cutoff.
 
-    The model pays for every listed pair, in or out of the cutoff: at 5 Å a
-    0.5 Å skin lists 33% more pairs than the cutoff holds, 0.25 Å 16%.
-    Rebuilds (every ~10-20 steps of 0.5 fs at 300 K) cost less than that.
+    The model pays for every listed pair, in or out of the cutoff, and the
+    listed volume grows as ``(cutoff + skin)³``; rebuilds, which a thinner
+    skin makes more frequent, cost less than the extra pairs.
     """
     return float(min(0.25, 0.1 * cutoff))
 
@@ -204,8 +204,9 @@ def make_spec(positions, cutoff: float, cells=None, periodic: bool = False, skin
         positions: (n_system, n, 3) Å (replicas; padding atoms masked out).
         cells: (n_system, 3, 3) Å (periodic only).
         masks: (n_system, n) bool, real atoms (default all).
-        skin, capacity: defaults :func:`choose_skin` and ``headroom`` × the
-            most pairs any system has within cutoff + skin now.
+        skin: default :func:`choose_skin`.
+        capacity: default ``headroom`` × the most pairs any system has
+            within cutoff + skin now.
 
     The image range is what the cells need with 10% room for a shrinking
     (NPT) cell.

@@ -38,7 +38,8 @@ def graph_of(numbers, positions, cell, receivers, senders, shifts, pair_mask) ->
         numbers: (n,) atomic numbers, 0 on padding atoms (of a padded replica).
         positions: (n, 3) Å.
         cell: (3, 3) lattice vectors as rows (zeros when not periodic), Å.
-        receivers, senders: (c,) atom indices; ``n`` on padding pairs.
+        receivers: (c,) atom indices; ``n`` on padding pairs.
+        senders: (c,) atom indices; ``n`` on padding pairs.
         shifts: (c, 3) integer cell shifts.
         pair_mask: (c,) bool, real pairs within the cutoff.
     """
@@ -117,7 +118,8 @@ def jax_md_energy_fn(model, params, numbers, periodic: bool = False):
     """An energy function with jax-md's signature: ``energy(R, neighbor=..., box=..., perturbation=None)``.
 
     Args:
-        model, params: an equijax model and its parameters.
+        model: an equijax model.
+        params: its parameters.
         numbers: (n,) atomic numbers of the atoms of ``R``.
         periodic: ``False`` for ``space.free()`` (``R`` in Å), ``True`` for
             ``space.periodic_general(box, fractional_coordinates=True)``:

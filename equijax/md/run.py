@@ -1,29 +1,28 @@
 """Running a simulation: chunks on the device, checks and files on the host.
 
 :func:`simulate` is the driver behind ``equijax md``. The device runs
-``frames × interval`` steps per call (a ``lax.scan`` of ``fori_loop``\\ s,
-``vmap``-ed over replicas) and hands back one frame per ``interval`` steps.
-Between chunks the host
+``frames × interval`` steps per call (:mod:`equijax.md.programs`) and hands
+back one frame per ``interval`` steps. Between chunks the host
+(:class:`Driver`, whose state is its attributes)
 
 * reallocates the neighbour list and **replays the chunk** when any build
   ran out of room (:mod:`equijax.md.neighbours`), so no pair is ever missed;
 * stops with :class:`MDError` at the first frame that is not finite, too
   hot, or has an atom that lost every neighbour (a molecule flying apart),
   after writing every frame before it;
-* appends frames to the trajectory (extxyz) and the log (CSV) as it goes, so
-  a killed run keeps what it computed.
+* appends the chunk's frames to the trajectories and the log and records
+  the state to continue from (:mod:`equijax.md.output`), so a killed run
+  keeps what it computed and ``resume=True`` continues it exactly.
 
 Units at this interface: fs, K, GPa, Å, eV, amu.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import time
 import warnings
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +30,12 @@ import numpy as np
 from ase import Atoms, units
 
 from equijax import graph as graph_lib
-from equijax.md import integrators as md, neighbours as nl, potential
+from equijax.md import integrators as md, neighbours as nl
+from equijax.md.output import LOG_COLUMNS, Writer, read_state
+from equijax.md.programs import programs
 
 ENSEMBLES = ("nve", "nvt-langevin", "nvt-nose-hoover", "npt")
-
-LOG_COLUMNS = ("replica", "step", "time_fs", "potential_eV", "kinetic_eV", "total_eV", "conserved_eV",
-               "temperature_K", "pressure_GPa", "volume_A3", "fmax_eV_A", "force_spread_eV_A")
+__all__ = ["ENSEMBLES", "LOG_COLUMNS", "Frames", "MDError", "Result", "simulate"]
 
 
 class MDError(RuntimeError):
@@ -60,6 +59,17 @@ class Frames(NamedTuple):
     isolated: np.ndarray  # real atoms with no neighbour within the cutoff
     force_spread: np.ndarray  # eV/Å: committees, the largest per-atom force spread of the members (else 0)
 
+    @classmethod
+    def of_chunk(cls, observations, done: int, every: int, periodic: bool) -> "Frames":
+        """The frames of a chunk's observations (axes (frame, replica)) after ``done`` frames of ``every`` steps."""
+        valid, n_rep = observations[0].shape[:2]
+        steps = (done + np.arange(1, valid + 1)) * every
+        frames = cls(np.broadcast_to(steps[:, None], (valid, n_rep)).copy(), *observations)
+        return frames if periodic else frames._replace(pressure=np.full_like(frames.pressure, np.nan))
+
+    def head(self, n: int) -> "Frames":
+        return Frames(*(x[:n] for x in self))
+
 
 class Result(NamedTuple):
     frames: Frames  # every recorded frame (host arrays)
@@ -72,7 +82,31 @@ class Result(NamedTuple):
     compile_included: bool = False  # a run of one chunk: its rate includes tracing and compilation
 
 
-def _replicas(structures, replicas: int, species):
+class System(NamedTuple):
+    """The replicas, padded to one atom count (leading axis: replica)."""
+
+    atoms: list  # one ase.Atoms per replica
+    positions: jax.Array  # (R, n, 3) Å
+    numbers: jax.Array  # (R, n), 0 on padding
+    masses: jax.Array  # (R, n) amu, 1 on padding
+    cells: jax.Array  # (R, 3, 3) Å
+    periodic: bool
+
+    @property
+    def mask(self):
+        return self.numbers > 0
+
+
+class Limits(NamedTuple):
+    """When a run stops: temperature, a committee's force spread, atoms that fly apart."""
+
+    max_temperature: float
+    max_force_spread: float | None
+    on_spread: str
+    initially_isolated: np.ndarray  # (R, n) bool
+
+
+def _replicas(structures, replicas: int, species, dtype) -> System:
     """Pad structures (one per replica, or copies of one) to the same atom count."""
     structures = [structures] if isinstance(structures, Atoms) else list(structures)
     if len(structures) == 1:
@@ -94,7 +128,8 @@ def _replicas(structures, replicas: int, species):
         numbers[k, : len(a)] = a.numbers
         masses[k, : len(a)] = a.get_masses()
         cells[k] = a.cell.array
-    return structures, positions, numbers, masses, cells, periodic.pop()
+    return System(structures, jnp.asarray(positions, dtype), jnp.asarray(numbers), jnp.asarray(masses, dtype),
+                  jnp.asarray(cells, dtype), periodic.pop())
 
 
 def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", temperature: float = 300.0,
@@ -103,11 +138,12 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
              seed: int = 0, replicas: int = 1, minimize: bool = False, fmax: float = 0.05,
              minimize_steps: int = 2000, skin: float | None = None, capacity: int | None = None,
              chunk_frames: int = 20, max_temperature: float | None = None, max_force_spread: float | None = None,
-             on_spread: str = "stop", output=None, progress: bool = True, on_chunk=None) -> Result:
+             on_spread: str = "stop", output=None, progress: bool = True, on_chunk=None, resume: bool = False) -> Result:
     """Run MD (or minimise first) for one structure or many replicas at once.
 
     Args:
-        model, params: an equijax model and its parameters (``equijax.load``).
+        model: an equijax model (``equijax.load``).
+        params: its parameters.
         structures: an ``ase.Atoms`` (copied ``replicas`` times) or one per replica.
         ensemble: ``"nve"``, ``"nvt-langevin"``, ``"nvt-nose-hoover"`` or ``"npt"``
             (Langevin + stochastic cell rescaling; periodic only).
@@ -120,7 +156,8 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
         seed: PRNG seed (momenta and noise); replica k uses ``seed + k``.
         minimize: FIRE first, until the largest force is below ``fmax`` (eV/Å)
             or ``minimize_steps``.
-        skin, capacity: neighbour list (defaults: 0.25 Å; 1.15 × the pairs now; grows on overflow).
+        skin: neighbour-list skin, Å (default 0.25).
+        capacity: neighbour-list pairs (default 1.15 × the pairs now; grows on overflow).
         chunk_frames: frames per device call (``chunk_frames × interval`` steps);
             any number of steps runs on one compiled program.
         max_temperature: stop above this (K); default ``10 × temperature + 1000``.
@@ -131,7 +168,11 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
         on_spread: ``"stop"`` (an :class:`MDError` there, frames before it
             kept) or ``"warn"`` (a warning, noted in ``summary.json``, and on).
         output: folder for ``trajectory*.extxyz``, ``md_log.csv``, ``md.png``,
-            ``summary.json`` (nothing is written when ``None``).
+            ``summary.json`` and the restart state ``md_state.npz``
+            (nothing is written when ``None``; :mod:`equijax.md.output`).
+        resume: continue the run in ``output`` from its last complete chunk
+            (``md_state.npz``): the same settings, ``steps`` the new total;
+            the continued trajectory is the one an uninterrupted run writes.
         progress: a progress bar with steps/s and ns/day.
         on_chunk: optional ``callback(frames)`` after every chunk.
 
@@ -139,6 +180,43 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
         ValueError: bad arguments or structures.
         MDError: the simulation became unphysical (frames before it are kept).
     """
+    _check_arguments(model, ensemble, steps, interval, replicas, timestep, temperature, on_spread, max_force_spread)
+    dtype = jnp.float64 if model.config.dtype == "float64" else jnp.float32
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("a float64 model needs float64 enabled: run equijax md --float64, or in Python call "
+                         "jax.config.update('jax_enable_x64', True) first")
+    system = _replicas(structures, replicas, model.config.species, dtype)
+    if ensemble == "npt" and not system.periodic:
+        raise ValueError("NPT needs a periodic cell")
+    arguments = dict(ensemble=ensemble, temperature=temperature, timestep=timestep, interval=interval,
+                     pressure=pressure, friction=friction, tau=tau, tau_p=tau_p, compressibility=compressibility,
+                     seed=seed, replicas=len(system.atoms), minimize=minimize, fmax=fmax,
+                     minimize_steps=minimize_steps, chunk_frames=chunk_frames)
+    saved = _resumed(output, arguments, steps) if resume else None
+    settings = {"dt": timestep * units.fs, "kT": units.kB * temperature, "friction": friction / units.fs,
+                "tau": tau * units.fs, "pressure": pressure * units.GPa, "compressibility": compressibility / units.bar,
+                "tau_p": tau_p * units.fs}
+    limits = Limits(10.0 * temperature + 1000.0 if max_temperature is None else max_temperature, max_force_spread,
+                    on_spread, np.stack([_isolated(a, model.config.cutoff, system.positions.shape[1])
+                                         for a in system.atoms]))
+    writer = Writer(output, system.atoms, ensemble, saved) if output is not None else None
+    spec = nl.make_spec(system.positions, model.config.cutoff, system.cells, system.periodic, skin, capacity,
+                        system.mask)  # room for every replica
+    driver = Driver(model, params, system, {k: jnp.asarray(v, dtype) for k, v in settings.items()}, spec,
+                    chunk_frames, limits, writer, timestep, on_chunk, arguments)
+    started = time.perf_counter()
+    if saved is not None:
+        state, nbrs, done = driver.restore(saved)
+    else:
+        (state, nbrs), done = driver.start(ensemble, seed, minimize, minimize_steps, fmax), 0
+    result = driver.md(ensemble, state, nbrs, steps, interval, done, progress)
+    result = result._replace(seconds=time.perf_counter() - started)
+    if writer is not None:
+        writer.close(result=result)
+    return result
+
+
+def _check_arguments(model, ensemble, steps, interval, replicas, timestep, temperature, on_spread, max_force_spread):
     if ensemble not in ENSEMBLES:
         raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
     if steps < 0 or interval < 1 or steps % interval:
@@ -151,228 +229,197 @@ def simulate(model, params, structures, *, ensemble: str = "nvt-langevin", tempe
         raise ValueError(f"on_spread must be 'stop' or 'warn', got {on_spread!r}")
     if max_force_spread is not None and getattr(model, "member", None) is None:
         raise ValueError("a force-spread threshold needs a committee model (trained with train.ensemble > 1)")
-    cfg = model.config
-    dtype = jnp.float64 if cfg.dtype == "float64" else jnp.float32
-    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-        raise ValueError("a float64 model needs jax_enable_x64 (jax.config.update('jax_enable_x64', True))")
-    atoms_list, positions, numbers, masses, cells, periodic = _replicas(structures, replicas, cfg.species)
-    if ensemble == "npt" and not periodic:
-        raise ValueError("NPT needs a periodic cell")
-    n_rep = len(atoms_list)
-    max_temperature = 10.0 * temperature + 1000.0 if max_temperature is None else max_temperature
-
-    dt = timestep * units.fs
-    kT = units.kB * temperature
-    mask = numbers > 0
-    positions, masses, cells = (jnp.asarray(x, dtype) for x in (positions, masses, cells))
-
-    settings = {"dt": dt, "kT": kT, "friction": friction / units.fs, "tau": tau * units.fs,
-                "pressure": pressure * units.GPa, "compressibility": compressibility / units.bar,
-                "tau_p": tau_p * units.fs}
-    settings = {k: jnp.asarray(v, dtype) for k, v in settings.items()}
-
-    def initialise(kind, key):
-        """First forces, on a list with room enough (grown until it does not overflow)."""
-        nonlocal spec, reallocations
-        while True:
-            programs = _programs(model, spec, kind, periodic, chunk_frames)
-            state, nbrs = programs.init(params, settings, z, positions, cells, masses, jnp.asarray(mask), key)
-            # the first forces: one step of zero length through the chunk program itself
-            # (positions, momenta and cell stay; no second compilation of the model)
-            (state, nbrs), _ = programs.chunk(params, {**settings, "dt": jnp.zeros_like(settings["dt"])}, z, state,
-                                              nbrs, 1, 1)
-            if not np.any(np.asarray(nbrs.overflow)):
-                return state, nbrs
-            spec = nl.grown(spec, nbrs, np.asarray(cells))
-            reallocations += 1
-
-    # replica k draws from seed + k, so replica k of a batch is the single run with that seed
-    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(n_rep) + seed)
-    spec = nl.make_spec(positions, cfg.cutoff, cells, periodic, skin, capacity, mask)  # room for every replica
-
-    writer = _Writer(output, atoms_list, ensemble) if output is not None else None
-    reallocations = 0
-    z = jnp.asarray(numbers)
-
-    def run_chunks(kind, state, nbrs, total_steps, every, stop=None, bar=None):
-        nonlocal spec, reallocations
-        n_frames_total = total_steps // every
-        done, timed_steps, timed_seconds = 0, 0, 0.0
-        while done < n_frames_total:
-            valid = min(chunk_frames, n_frames_total - done)
-            fn = _programs(model, spec, kind, periodic, chunk_frames).chunk
-            started = time.perf_counter()
-            (new_state, new_nbrs), obs = fn(params, settings, z, state, nbrs, valid, every)
-            obs = [np.swapaxes(x, 0, 1)[:valid] for x in jax.device_get(obs)]  # -> (frame, replica)
-            elapsed = time.perf_counter() - started
-            if np.any(np.asarray(new_nbrs.overflow)):
-                spec = nl.grown(spec, new_nbrs, np.asarray(state.cell))
-                reallocations += 1
-                nbrs = _programs(model, spec, kind, periodic, chunk_frames).build(state.positions, state.cell,
-                                                                                  state.mask)
-                continue  # replay this chunk from its start with room to spare
-            if (spec, kind) in warm:
-                timed_steps += valid * every
-                timed_seconds += elapsed
-            warm.add((spec, kind))
-            steps_now = (done + np.arange(1, valid + 1)) * every
-            frames = Frames(np.broadcast_to(steps_now[:, None], (valid, n_rep)).copy(), *obs)
-            if not periodic:
-                frames = frames._replace(pressure=np.full_like(frames.pressure, np.nan))
-            bad = _first_bad(frames, max_temperature, initially_isolated)
-            spread = _first_spread(frames, max_force_spread) if kind != "fire" else None
-            if spread is not None and on_spread == "warn":
-                if not warned:
-                    warnings.warn(spread[1] + f" at step {int(frames.step[spread[0], 0])}; continuing", stacklevel=2)
-                    if writer is not None:
-                        writer.note(f"warning: {spread[1]} at step {int(frames.step[spread[0], 0])}")
-                    warned.append(True)
-            elif spread is not None and (bad is None or spread[0] < bad[0]):
-                bad = spread
-            if bad is not None:
-                index, reason = bad
-                good = Frames(*(x[:index] for x in frames))
-                if writer is not None:
-                    writer.append(good, timestep)
-                    writer.close(stopped=reason)
-                raise MDError(f"{reason} at step {int(frames.step[index, 0])}; "
-                              + ("the frames before it are written to " + str(output) if output is not None
-                                 else "the frames before it are kept"))
-            state, nbrs = new_state, new_nbrs
-            done += valid
-            if writer is not None and kind != "fire":
-                writer.append(frames, timestep)
-            if on_chunk is not None:
-                on_chunk(frames)
-            collected.append(frames)
-            if bar is not None:
-                bar.update(valid * every)
-                if timed_seconds > 0:
-                    rate = timed_steps / timed_seconds
-                    bar.set_postfix_str(f"{rate:.1f} steps/s, {rate * timestep * 86400 * 1e-6:.3g} ns/day")
-            if stop is not None and stop(frames):
-                break
-        return state, nbrs, timed_steps, timed_seconds
-
-    warm: set = set()  # programs that ran once: later calls are timed (compile excluded)
-    warned: list = []
-    collected: list = []
-    initially_isolated = np.stack([_isolated(a, cfg.cutoff, positions.shape[1]) for a in atoms_list])
-
-    started = time.perf_counter()
-    bar = None
-    if minimize:
-        state, nbrs = initialise("fire", keys)
-        state, nbrs, _, _ = run_chunks("fire", state, nbrs, minimize_steps - minimize_steps % 10, 10,
-                                       stop=lambda f: bool(np.all(f.fmax[-1] < fmax)))
-        positions, cells = state.positions, state.cell
-        fmax_now = float(np.max(collected[-1].fmax[-1])) if collected else float("nan")
-        if writer is not None:
-            writer.note(f"FIRE: {sum(len(f.step) for f in collected) * 10} steps, fmax {fmax_now:.3g} eV/Å")
-        collected.clear()
-    kind = ensemble
-    md_started = time.perf_counter()
-    state, nbrs = initialise(kind, keys)
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, unit="step", desc=f"MD {ensemble}, {n_rep} replica{'s' * (n_rep > 1)}")
-    try:
-        state, nbrs, timed_steps, timed_seconds = run_chunks(kind, state, nbrs, steps, interval, bar=bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - started
-    md_seconds = time.perf_counter() - md_started
-    compile_included = timed_seconds == 0
-    rate = timed_steps / timed_seconds if not compile_included else (steps / md_seconds if steps else float("nan"))
-    frames = Frames(*(np.concatenate(xs) for xs in zip(*collected))) if collected else None
-    result = Result(frames, state, rate, rate * timestep * 86400 * 1e-6, reallocations, spec.capacity, seconds,
-                    compile_included)
-    if writer is not None:
-        writer.close(result=result)
-    return result
 
 
-class _Programs(NamedTuple):
-    init: object  # (params, settings, numbers, positions, cells, masses, mask, keys) -> (MDState, nbrs)
-    chunk: object  # (params, settings, numbers, state, nbrs, valid, every) -> ((state, nbrs), observations)
-    build: object  # (positions, cells, mask) -> nbrs
+def _resumed(output, arguments: dict, steps: int) -> dict:
+    """The restart state of ``output``, checked against this call's settings."""
+    if output is None:
+        raise ValueError("resume needs the output folder of the run to continue")
+    saved = read_state(output)
+    changed = [f"{k}: {saved['arguments'].get(k)!r} -> {v!r}" for k, v in arguments.items()
+               if saved["arguments"].get(k) != v]
+    if changed:
+        raise ValueError(f"{Path(output)} was run with other settings ({'; '.join(changed)}): resume with the "
+                         "same ones (only the number of steps may change)")
+    if steps < int(saved["done"]) * arguments["interval"]:
+        raise ValueError(f"{Path(output)} already holds {int(saved['done']) * arguments['interval']} steps; "
+                         f"give at least that many (--steps), got {steps}")
+    return saved
 
 
-def _no_forces(positions, nbrs, cell=None):
-    zero = jnp.zeros((), positions.dtype)
-    return potential.ForcesStress(zero, jnp.zeros_like(positions), jnp.zeros((3, 3), positions.dtype))
+class Driver:
+    """The host side of one simulation: the device programs, chunk by chunk, with their checks and files.
 
-
-def _integrator(model, params, settings, numbers, spec, kind, periodic, forces=True):
-    ff = potential.force_fn(model, params, numbers) if forces else _no_forces
-    s = settings
-    if kind == "fire":
-        return md.fire(ff, spec, periodic)
-    if kind == "nve":
-        return md.nve(ff, spec, s["dt"], periodic)
-    if kind == "nvt-langevin":
-        return md.langevin(ff, spec, s["dt"], s["kT"], s["friction"], periodic)
-    if kind == "nvt-nose-hoover":
-        return md.nose_hoover(ff, spec, s["dt"], s["kT"], s["tau"], periodic=periodic)
-    return md.npt_langevin(ff, spec, s["dt"], s["kT"], s["friction"], s["pressure"], s["compressibility"], s["tau_p"])
-
-
-def _observe(state, nbrs, settings, kind, periodic, cutoff, spread_fn):
-    """What a frame records (see :class:`Frames`), on the device."""
-    kin = md.kinetic_energy(state)
-    conserved = state.energy + kin
-    if kind == "nvt-nose-hoover":
-        conserved = conserved + md.nose_hoover_energy(state, settings["kT"], settings["tau"])
-    if kind == "npt":
-        conserved = conserved + settings["pressure"] * md.volume(state.cell)
-    press = md.pressure(state) / units.GPa if periodic else jnp.zeros((), state.energy.dtype)  # NaN on the host
-    counts = _neighbour_counts(nbrs, state.positions, state.cell if periodic else None, cutoff)
-    isolated = jnp.sum(state.mask & (counts == 0))
-    fmax = jnp.max(jnp.linalg.norm(state.forces, axis=-1))
-    temp = md.temperature_kT(state) / units.kB
-    spread = spread_fn(state.positions, nbrs, state.cell if periodic else None)
-    return (state.positions, state.momenta, state.forces, state.cell, state.energy, kin, conserved, temp,
-            press, fmax, isolated, spread)
-
-
-@functools.lru_cache(maxsize=64)
-def _programs(model, spec: nl.Spec, kind: str, periodic: bool, chunk_frames: int) -> _Programs:
-    """Jitted, replica-vmapped programs, shared by every run of this model and list size.
-
-    Parameters, numeric settings, the interval and the number of frames
-    actually wanted from a chunk are arguments, so a new temperature,
-    pressure, time step, interval or step count compiles nothing.
+    Its attributes are the run's state between chunks: the neighbour-list
+    :class:`~equijax.md.neighbours.Spec` (grown on overflow), the counts of
+    reallocations and timed steps, the frames collected and whether the
+    spread warning was given.
     """
 
-    def init(params, settings, numbers, positions, cells, masses, mask, keys):
-        # momenta, thermostat and list only: the driver's first (zero-length) step computes the forces
-        def single(z, r, cell, mass, m, k):
-            nbrs = nl.build(spec, r, cell if periodic else None, m)
-            integrator = _integrator(model, params, settings, z, spec, kind, periodic, forces=False)
-            return integrator.init(r, cell, mass, m, k, settings["kT"], nbrs)
-        return jax.vmap(single)(numbers, positions, cells, masses, mask, keys)
+    def __init__(self, model, params, system: System, settings: dict, spec, chunk_frames: int, limits: Limits,
+                 writer, timestep: float, on_chunk, arguments: dict):
+        self.model, self.params, self.system, self.settings = model, params, system, settings
+        self.spec, self.chunk_frames, self.limits, self.writer = spec, chunk_frames, limits, writer
+        self.timestep, self.on_chunk, self.arguments = timestep, on_chunk, arguments
+        self.reallocations, self.timed_steps, self.timed_seconds = 0, 0, 0.0
+        self.warm: set = set()  # programs that ran once: later calls are timed (compile excluded)
+        self.collected: list = []
+        self.warned = False
 
-    def chunk(params, settings, numbers, state, nbrs, valid, every):
-        def single(z, state, nbrs):
-            step = _integrator(model, params, settings, z, spec, kind, periodic).step
-            spread_fn = potential.spread_fn(model, params, z)
+    def programs(self, kind: str):
+        return programs(self.model, self.spec, kind, self.system.periodic, self.chunk_frames)
 
-            def frame(carry, index):
-                # frames past ``valid`` (the end of the run) leave the state as it is
-                carry = jax.lax.cond(index < valid,
-                                     lambda c: jax.lax.fori_loop(0, every, lambda _, c: step(*c), c),
-                                     lambda c: c, carry)
-                return carry, _observe(*carry, settings, kind, periodic, model.config.cutoff, spread_fn)
+    def initialise(self, kind: str, positions, cells, keys):
+        """First forces, on a list with room enough (grown until it does not overflow)."""
+        s = self.system
+        while True:
+            p = self.programs(kind)
+            state, nbrs = p.init(self.params, self.settings, s.numbers, positions, cells, s.masses, s.mask, keys)
+            # the first forces: one step of zero length through the chunk program itself
+            # (positions, momenta and cell stay; no second compilation of the model)
+            zero = {**self.settings, "dt": jnp.zeros_like(self.settings["dt"])}
+            (state, nbrs), _ = p.chunk(self.params, zero, s.numbers, state, nbrs, 1, 1)
+            if not np.any(np.asarray(nbrs.overflow)):
+                return state, nbrs
+            self.spec = nl.grown(self.spec, nbrs, np.asarray(cells))
+            self.reallocations += 1
 
-            return jax.lax.scan(frame, (state, nbrs), jnp.arange(chunk_frames))
-        return jax.vmap(single)(numbers, state, nbrs)
+    def start(self, kind: str, seed: int, minimize: bool, minimize_steps: int, fmax: float):
+        """``(state, nbrs)`` at step 0: after a FIRE minimisation if asked for."""
+        # replica k draws from seed + k, so replica k of a batch is the single run with that seed
+        keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(len(self.system.atoms)) + seed)
+        positions, cells = self.system.positions, self.system.cells
+        if minimize:
+            state, nbrs = self.initialise("fire", positions, cells, keys)
+            state, nbrs = self.run("fire", state, nbrs, minimize_steps - minimize_steps % 10, 10,
+                                   stop=lambda f: bool(np.all(f.fmax[-1] < fmax)))
+            positions, cells = state.positions, state.cell
+            fmax_now = float(np.max(self.collected[-1].fmax[-1])) if self.collected else float("nan")
+            if self.writer is not None:
+                self.writer.note(f"FIRE: {sum(len(f.step) for f in self.collected) * 10} steps, "
+                                 f"fmax {fmax_now:.3g} eV/Å")
+            self.collected.clear()
+        return self.initialise(kind, positions, cells, keys)
 
-    def build(positions, cells, mask):
-        return jax.vmap(lambda r, c, m: nl.build(spec, r, c if periodic else None, m))(positions, cells, mask)
+    def restore(self, saved: dict):
+        """``(state, nbrs, frames done)`` of a saved run (``md_state.npz``), exactly as it stood."""
+        self.spec = nl.Spec(float(saved["spec"]["cutoff"]), float(saved["spec"]["skin"]),
+                            int(saved["spec"]["capacity"]), tuple(int(i) for i in saved["spec"]["images"]),
+                            bool(saved["spec"]["periodic"]))
+        self.reallocations = int(saved["reallocations"])
+        state = md.MDState(**jax.tree_util.tree_map(jnp.asarray, saved["state"]))
+        nbrs = nl.NeighbourList(**jax.tree_util.tree_map(jnp.asarray, saved["nbrs"]))
+        return state, nbrs, int(saved["done"])
 
-    return _Programs(jax.jit(init), jax.jit(chunk), jax.jit(build))
+    def md(self, kind: str, state, nbrs, steps: int, interval: int, done: int, progress: bool) -> Result:
+        """Run the dynamics from frame ``done`` to ``steps``: the :class:`Result` (``seconds`` left to the caller)."""
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            n_rep = len(self.system.atoms)
+            bar = tqdm(total=steps, initial=done * interval, unit="step",
+                       desc=f"MD {kind}, {n_rep} replica{'s' * (n_rep > 1)}")
+        started = time.perf_counter()
+        try:
+            state, nbrs = self.run(kind, state, nbrs, steps, interval, done=done, bar=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        compile_included = self.timed_seconds == 0
+        ran = steps - done * interval
+        rate = self.timed_steps / self.timed_seconds if not compile_included else \
+            (ran / (time.perf_counter() - started) if ran else float("nan"))
+        frames = Frames(*(np.concatenate(xs) for xs in zip(*self.collected))) if self.collected else None
+        return Result(frames, state, rate, rate * self.timestep * 86400 * 1e-6, self.reallocations,
+                      self.spec.capacity, 0.0, compile_included)
+
+    def run(self, kind: str, state, nbrs, total_steps: int, every: int, done: int = 0, stop=None, bar=None):
+        """Chunks of ``every``-step frames from frame ``done`` up to ``total_steps``; ``(state, nbrs)`` at the end."""
+        n_frames_total = total_steps // every
+        while done < n_frames_total:
+            valid = min(self.chunk_frames, n_frames_total - done)
+            out = self._chunk(kind, state, nbrs, valid, every)
+            if out is None:  # the list overflowed: replay this chunk from its start with room to spare
+                nbrs = self.programs(kind).build(state.positions, state.cell, state.mask)
+                continue
+            new_state, new_nbrs, observations = out
+            frames = Frames.of_chunk(observations, done, every, self.system.periodic)
+            self._check(frames, kind)
+            state, nbrs, done = new_state, new_nbrs, done + valid
+            self._record(kind, frames, state, nbrs, done)
+            if bar is not None:
+                bar.update(valid * every)
+                if self.timed_seconds > 0:
+                    rate = self.timed_steps / self.timed_seconds
+                    bar.set_postfix_str(f"{rate:.1f} steps/s, {rate * self.timestep * 86400 * 1e-6:.3g} ns/day")
+            if stop is not None and stop(frames):
+                break
+        return state, nbrs
+
+    def _chunk(self, kind: str, state, nbrs, valid: int, every: int):
+        """One device call: ``(state, nbrs, observations (frame, replica))``, or ``None`` after an overflow
+        (the list is grown; the caller replays)."""
+        started = time.perf_counter()
+        (new_state, new_nbrs), obs = self.programs(kind).chunk(self.params, self.settings, self.system.numbers,
+                                                               state, nbrs, valid, every)
+        obs = [np.swapaxes(x, 0, 1)[:valid] for x in jax.device_get(obs)]  # -> (frame, replica)
+        elapsed = time.perf_counter() - started
+        if np.any(np.asarray(new_nbrs.overflow)):
+            self.spec = nl.grown(self.spec, new_nbrs, np.asarray(state.cell))
+            self.reallocations += 1
+            return None
+        if (self.spec, kind) in self.warm:
+            self.timed_steps += valid * every
+            self.timed_seconds += elapsed
+        self.warm.add((self.spec, kind))
+        return new_state, new_nbrs, obs
+
+    def _check(self, frames: Frames, kind: str) -> None:
+        """Raise :class:`MDError` at the first unphysical (or, as asked, too uncertain) frame, after writing
+        the frames before it."""
+        lim = self.limits
+        bad = _first_bad(frames, lim.max_temperature, lim.initially_isolated)
+        spread = _first_spread(frames, lim.max_force_spread) if kind != "fire" else None
+        if spread is not None and lim.on_spread == "warn":
+            if not self.warned:
+                where = f"{spread[1]} at step {int(frames.step[spread[0], 0])}"
+                warnings.warn(where + "; continuing", stacklevel=3)
+                if self.writer is not None:
+                    self.writer.note(f"warning: {where}")
+                self.warned = True
+        elif spread is not None and (bad is None or spread[0] < bad[0]):
+            bad = spread
+        if bad is None:
+            return
+        index, reason = bad
+        if self.writer is not None:
+            if kind != "fire":
+                self.writer.append(frames.head(index), self.timestep)
+            self.writer.close(stopped=reason)
+        raise MDError(f"{reason} at step {int(frames.step[index, 0])}; "
+                      + ("the frames before it are written to " + str(self.writer.folder) if self.writer is not None
+                         else "the frames before it are kept"))
+
+    def _record(self, kind: str, frames: Frames, state, nbrs, done: int) -> None:
+        """Keep the chunk's frames; write them and the state to continue from (MD, not minimisation)."""
+        if self.writer is not None and kind != "fire":
+            self.writer.append(frames, self.timestep)
+            self.writer.commit({"state": _plain(state), "nbrs": _plain(nbrs), "done": done,
+                                "spec": {"cutoff": self.spec.cutoff, "skin": self.spec.skin,
+                                         "capacity": self.spec.capacity, "images": list(self.spec.images),
+                                         "periodic": self.spec.periodic},
+                                "reallocations": self.reallocations, "arguments": self.arguments,
+                                "replicas": len(self.system.atoms)})
+        if self.on_chunk is not None:
+            self.on_chunk(frames)
+        self.collected.append(frames)
+
+
+def _plain(tree) -> dict:
+    """A NamedTuple of arrays (and dicts of them) as host dicts, for ``md_state.npz``."""
+    return {k: (jax.tree_util.tree_map(np.asarray, v) if isinstance(v, dict) else np.asarray(v))
+            for k, v in tree._asdict().items()}
 
 
 def _isolated(atoms, cutoff, n_padded):
@@ -381,11 +428,6 @@ def _isolated(atoms, cutoff, n_padded):
     alone = np.zeros(n_padded, bool)
     alone[: len(atoms)] = np.bincount(i, minlength=len(atoms)) == 0
     return alone
-
-
-def _neighbour_counts(nbrs, positions, cell, cutoff):
-    _, _, _, real = nl.as_pairs(nbrs, positions, cell, cutoff)
-    return jnp.zeros(positions.shape[0] + 1, jnp.int32).at[nbrs.receivers].add(real.astype(jnp.int32))[:-1]
 
 
 def _first_spread(frames: Frames, max_force_spread):
@@ -416,98 +458,3 @@ def _first_bad(frames: Frames, max_temperature, initially_isolated):
                 replicas = np.nonzero(flags)[0]
                 return index, f"{reason} (replica {', '.join(map(str, replicas[:5]))})"
     return None
-
-
-class _Writer:
-    """Trajectory (extxyz, one file per replica), log (CSV) and plot, written as frames arrive."""
-
-    def __init__(self, folder, atoms_list: Sequence[Atoms], ensemble: str):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.atoms = [a.copy() for a in atoms_list]
-        self.ensemble = ensemble
-        names = ["trajectory.extxyz"] if len(atoms_list) == 1 else \
-            [f"trajectory_{k:03d}.extxyz" for k in range(len(atoms_list))]
-        self.paths = [self.folder / n for n in names]
-        for p in self.paths:
-            p.write_text("")
-        self.log = (self.folder / "md_log.csv").open("w")
-        self.log.write(",".join(LOG_COLUMNS) + "\n")
-        self.notes: list = []
-        self.rows: list = []
-
-    def note(self, text):
-        self.notes.append(text)
-
-    def append(self, frames: Frames, timestep: float):
-        from ase.calculators.singlepoint import SinglePointCalculator
-        from ase.io import write
-
-        handles = [path.open("a") for path in self.paths]
-        for f in range(len(frames.step)):
-            for k, (atoms, handle) in enumerate(zip(self.atoms, handles)):
-                n = len(atoms)
-                a = atoms.copy()
-                a.positions = frames.positions[f, k, :n]
-                a.set_momenta(frames.momenta[f, k, :n])
-                if np.all(a.pbc):
-                    a.cell = frames.cell[f, k]
-                a.info["step"] = int(frames.step[f, k])
-                a.info["time_fs"] = float(frames.step[f, k] * timestep)
-                a.calc = SinglePointCalculator(a, energy=float(frames.potential[f, k]), forces=frames.forces[f, k, :n])
-                write(handle, a, format="extxyz")
-                row = (k, int(frames.step[f, k]), float(frames.step[f, k] * timestep), float(frames.potential[f, k]),
-                       float(frames.kinetic[f, k]), float(frames.potential[f, k] + frames.kinetic[f, k]),
-                       float(frames.conserved[f, k]), float(frames.temperature[f, k]), float(frames.pressure[f, k]),
-                       float(abs(np.linalg.det(frames.cell[f, k]))) if np.all(a.pbc) else float("nan"),
-                       float(frames.fmax[f, k]), float(frames.force_spread[f, k]))
-                self.rows.append(row)
-                self.log.write(",".join(f"{x:.10g}" if isinstance(x, float) else str(x) for x in row) + "\n")
-        for handle in handles:
-            handle.close()
-        self.log.flush()
-
-    def close(self, result: Result | None = None, stopped: str | None = None):
-        self.log.close()
-        summary = {"ensemble": self.ensemble, "replicas": len(self.atoms), "notes": self.notes,
-                   "files": [p.name for p in self.paths] + ["md_log.csv", "md.png"]}
-        if result is not None:
-            summary.update(steps_per_second=result.steps_per_second, ns_per_day=result.ns_per_day,
-                           rate_includes_compile=result.compile_included,
-                           neighbour_reallocations=result.reallocations, neighbour_capacity=result.capacity,
-                           wall_seconds=result.seconds)
-        if stopped is not None:
-            summary["stopped"] = stopped
-        (self.folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        if self.rows:
-            plot_log(self.rows, self.folder / "md.png", title=f"{self.ensemble}, {len(self.atoms)} replica(s)")
-
-
-def plot_log(rows, path, title=""):
-    """Energies, temperature and (periodic) pressure against time, one line per replica."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = np.asarray(rows, float)
-    periodic = np.isfinite(data[:, 8]).any()
-    fig, axes = plt.subplots(3 if periodic else 2, 1, figsize=(7, 7 if periodic else 5), sharex=True)
-    for k in np.unique(data[:, 0]).astype(int)[:8]:
-        d = data[data[:, 0] == k]
-        t = d[:, 2] / 1000.0
-        axes[0].plot(t, d[:, 3] - d[0, 3], lw=0.8, color=f"C{k}", label="potential" if k == 0 else None)
-        axes[0].plot(t, d[:, 6] - d[0, 3], lw=0.8, ls="--", color=f"C{k}", label="conserved (NVE, NH, NPT: +PV) / total (Langevin)" if k == 0 else None)
-        axes[1].plot(t, d[:, 7], lw=0.8, color=f"C{k}")
-        if periodic:
-            axes[2].plot(t, d[:, 8], lw=0.8, color=f"C{k}")
-    axes[0].set_ylabel("energy − E_pot(0) (eV)")
-    axes[0].legend(frameon=False)
-    axes[1].set_ylabel("temperature (K)")
-    if periodic:
-        axes[2].set_ylabel("pressure (GPa)")
-    axes[-1].set_xlabel("time (ps)")
-    axes[0].set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

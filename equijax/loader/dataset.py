@@ -1,110 +1,22 @@
-"""Data sets: statistics for the model, and padded batches for training.
+"""Data sets: labelled structures cut into padded batches of one static size.
 
 A :class:`Dataset` holds labelled structures (in memory with their neighbour
 lists, or a lazy source read from disk) and cuts them into padded graphs of
 one static size so that a jitted train step compiles once
 (:meth:`Dataset.batches`): a fixed number of structures per step, or as
-many as a node/edge budget holds (:mod:`equijax.loader`).
+many as a node/edge budget holds (:mod:`equijax.loader.batching`).
 """
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Sequence
+import copy
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from equijax import graph as graph_lib
 from equijax.graph import Structure
-
-
-class Statistics(NamedTuple):
-    """What the model takes from the training data.
-
-    Attributes:
-        species: sorted atomic numbers present.
-        energy_shift: per-species energy (eV), see :func:`energy_shift`.
-        energy_scale: per-species scale of atomic energies (eV), the RMS force
-            component times 1 Å, the same for every species (NequIP's choice).
-        avg_num_neighbours: mean neighbours per atom within the cutoff.
-        force_rms: RMS force component, eV/Å (the zero-force baseline's RMSE).
-        warning: a message when the compositions do not determine the
-            shift (a rank-deficient fit), else ``None``.
-    """
-
-    species: tuple
-    energy_shift: tuple
-    energy_scale: tuple
-    avg_num_neighbours: float
-    force_rms: float
-    warning: str | None = None
-
-
-def energy_shift(counts: np.ndarray, energies: np.ndarray, species: Sequence[int], e0s: dict | None = None):
-    """Per-species energy shift, and a note when the data cannot fix it.
-
-    Without isolated-atom energies: least squares of ``E ≈ counts @ shift``.
-    With them (``e0s``): ``shift = E0 + b``, where ``b`` are the smallest
-    (minimum-norm) per-element binding energies that fit the training
-    energies relative to isolated atoms, ``E - counts @ E0 ≈ counts @ b``.
-    Both are the same when the compositions determine every shift; when
-    they do not (two molecules of three elements), the undetermined part
-    stays at the isolated atoms instead of at zero, which is what makes
-    energies transfer to other compositions.
-
-    Args:
-        counts: (n_frame, n_species) atoms of each species per frame.
-        energies: (n_frame,) total energies, eV.
-        e0s: isolated-atom energies ``{Z: eV}`` of the reference method, or
-            ``None``.
-
-    Returns:
-        ``(shift (n_species,), note or None)``.
-
-    Raises:
-        ValueError: an element of ``species`` has no isolated-atom energy.
-    """
-    rank = np.linalg.matrix_rank(counts)
-    if e0s is not None:
-        missing = [z for z in species if z not in e0s]
-        if missing:
-            raise ValueError(f"no isolated-atom energy (data.e0s) for atomic numbers {missing}")
-        e0 = np.array([e0s[z] for z in species])
-        binding = np.linalg.lstsq(counts, energies - counts @ e0, rcond=None)[0]
-        note = None if rank == len(species) else (
-            f"the training compositions determine only {rank} of the {len(species)} per-element energies; "
-            "the rest is anchored at the isolated atoms (energies of other compositions are extrapolated)")
-        return e0 + binding, note
-    shift = np.linalg.lstsq(counts, energies, rcond=None)[0]
-    if rank < len(species):
-        return shift, (f"warning: the training compositions determine only {rank} of the {len(species)} "
-                       "per-element energy shifts: the least-squares shift is arbitrary and energies will not "
-                       "transfer to other compositions; give isolated-atom energies (data.e0s)")
-    return shift, None
-
-
-def statistics(structures: Sequence[Structure], cutoff: float, species: Sequence[int] | None = None,
-               e0s: dict | None = None) -> Statistics:
-    """:class:`Statistics` of labelled structures (``e0s``: see :func:`energy_shift`).
-
-    One pass, memory independent of the number of frames beyond a count
-    row and an energy per frame (``structures`` may be a lazy source).
-    """
-    compositions, energies, sum_f2, n_f = [], [], 0.0, 0
-    for s in structures:
-        z, c = np.unique(s.atomic_numbers, return_counts=True)
-        compositions.append(dict(zip(z.tolist(), c.tolist())))
-        energies.append(float(s.labels["energy"]))
-        sum_f2 += float(np.sum(np.square(s.labels["forces"])))
-        n_f += s.labels["forces"].size
-    species = tuple(sorted(set(species or [z for c in compositions for z in c])))
-    counts = np.array([[c.get(z, 0) for z in species] for c in compositions], float)
-    shift, warning = energy_shift(counts, np.array(energies), species, e0s)
-    force_rms = float(np.sqrt(sum_f2 / n_f))
-    sample = [structures[i] for i in range(min(200, len(structures)))]
-    n_edges = sum(len(graph_lib.neighbours(s, cutoff)[0]) for s in sample)
-    n_atoms = sum(len(s.positions) for s in sample)
-    return Statistics(species, tuple(float(x) for x in shift), (force_rms,) * len(species),
-                      n_edges / n_atoms, force_rms, warning)
+from equijax.loader import batching
 
 
 def _to_jax(tree):
@@ -133,18 +45,24 @@ class Dataset:
             ``Budget`` left ``None`` are sized so too): every shard
             packed with structures up to that many nodes, edges and graphs,
             padded to the budget; every structure once per epoch.
+        pad_to: ``(n_node, n_edge, n_graph)`` to pad every shard to at
+            least (e.g. the largest of several data sets, so that all of them
+            share one compiled function); default: what these data need.
+        hessian_width: the width ``W`` of ``nodes["hessian"]`` rows, at
+            least the largest structure with a Hessian label; default that
+            (``None`` without any).
+        partial_labels: labels that only some structures carry (built for
+            every structure, with masks), added to those these data have.
 
-    ``pad_to`` (set at construction) and ``hessian_width`` (the largest
-    structure with a Hessian label; ``None`` without any) may be raised
-    afterwards, e.g. to the largest of several data sets, so that all of
-    them share one compiled function. Batches carry ``globals["index"]``,
-    each structure's position in ``structures``.
+    The sizes are fixed at construction; :meth:`with_sizes` gives a copy
+    with larger ones that shares the structures and neighbour lists.
+    Batches carry ``globals["index"]``, each structure's position in
+    ``structures``.
     """
 
     def __init__(self, structures: Sequence[Structure], cutoff: float, batch_size: int,
-                 species: Sequence[int] | None = None, n_shards: int = 1, dtype=np.float32, budget=None):
-        from equijax import loader
-
+                 species: Sequence[int] | None = None, n_shards: int = 1, dtype=np.float32, budget=None, *,
+                 pad_to=None, hessian_width: int | None = None, partial_labels: Sequence[str] = ()):
         self.structures = structures if not isinstance(structures, (tuple, Iterator)) else list(structures)
         self.cutoff = cutoff
         self.batch_size = batch_size
@@ -152,7 +70,7 @@ class Dataset:
         self.dtype = dtype
         self.lazy = not isinstance(self.structures, list)
         self.neighbour_lists = None if self.lazy else []
-        atoms, edges, labels, hessian_width = [], [], set(), 0
+        atoms, edges, labels, width = [], [], set(), hessian_width or 0
         for s in self.structures:  # one pass: checks, sizes, label keys
             graph_lib.check_structure(s, species)
             nl = graph_lib.neighbours(s, cutoff)
@@ -162,12 +80,12 @@ class Dataset:
             edges.append(len(nl[0]))
             labels.update((s.labels or {}).keys())
             if "hessian" in (s.labels or {}):
-                hessian_width = max(hessian_width, len(s.positions))
+                width = max(width, len(s.positions))
         self.n_atoms, self.n_edges = np.array(atoms, np.int64), np.array(edges, np.int64)
         if budget is not None:  # "auto", or a Budget whose None fields are sized from the data
-            auto = loader.budget_for(self.n_atoms, self.n_edges, -(-batch_size // n_shards))
+            auto = batching.budget_for(self.n_atoms, self.n_edges, -(-batch_size // n_shards))
             given = (None, None, None) if budget == "auto" else budget
-            budget = loader.Budget(*(a if g is None else g for g, a in zip(given, auto)))
+            budget = batching.Budget(*(a if g is None else g for g, a in zip(given, auto)))
         self.budget = budget
         if budget is not None:
             self.pad_to = (budget.nodes + 1, budget.edges + 1, budget.graphs + 1)
@@ -178,7 +96,23 @@ class Dataset:
                                               int(np.sort(self.n_edges)[-per_shard:].sum()), per_shard)
         # labels only some structures carry (Hessian data mixed with force data): always built, with masks
         self.partial_labels = tuple(key for key in ("hessian", "dipole_derivative") if key in labels)
-        self.hessian_width = hessian_width or None
+        self.hessian_width = width or None
+        self._raise_sizes(pad_to, None, partial_labels)
+
+    def _raise_sizes(self, pad_to=None, hessian_width=None, partial_labels=()):
+        if pad_to is not None:
+            self.pad_to = tuple(max(int(a), int(b)) for a, b in zip(self.pad_to, pad_to))
+        if hessian_width:
+            self.hessian_width = max(self.hessian_width or 0, int(hessian_width))
+        self.partial_labels = tuple(key for key in ("hessian", "dipole_derivative")
+                                    if key in self.partial_labels or key in partial_labels)
+
+    def with_sizes(self, pad_to=None, hessian_width: int | None = None, partial_labels: Sequence[str] = ()):
+        """A copy padded to at least ``pad_to``, ``hessian_width`` and ``partial_labels`` (see the class),
+        sharing this one's structures and neighbour lists."""
+        out = copy.copy(self)
+        out._raise_sizes(pad_to, hessian_width, partial_labels)
+        return out
 
     def __len__(self):
         return len(self.structures)
@@ -188,11 +122,9 @@ class Dataset:
 
         With a budget every structure comes once and ``drop_last`` is moot.
         """
-        from equijax import loader
-
         if self.budget is not None:
-            return loader.budget_plan(self.n_atoms, self.n_edges, self.budget, self.n_shards, shuffle, seed)
-        return loader.fixed_plan(len(self), self.batch_size, self.n_shards, shuffle, seed, drop_last)
+            return batching.budget_plan(self.n_atoms, self.n_edges, self.budget, self.n_shards, shuffle, seed)
+        return batching.fixed_plan(len(self), self.batch_size, self.n_shards, shuffle, seed, drop_last)
 
     def num_batches(self, drop_last: bool = False) -> int:
         if self.budget is not None:
@@ -209,7 +141,7 @@ class Dataset:
         """The stacked batch of the structures ``idx``, split evenly over the shards (JAX arrays)."""
         return _to_jax(self.build(np.array_split(np.asarray(idx), self.n_shards)))
 
-    def build(self, shards) -> "jraph.GraphsTuple":
+    def build(self, shards):
         """Stacked padded graphs ``(len(shards), ...)``: one per list of indices in ``shards`` (NumPy arrays)."""
         graphs = []
         for part in shards:

@@ -1,22 +1,9 @@
-"""Potentials: pure functions from ``(params, graph)`` to energies.
-
-A :class:`Potential` is a NamedTuple of pure functions, in the manner of
-``optax.GradientTransformation``::
-
-    model = equijax.nequip(NequIPConfig(species=(1, 6, 8)))
-    params = model.init(jax.random.PRNGKey(0))          # jitted, no data needed
-    energies = model.energy(params, graph)                # (n_graph,) eV
-    atomic = model.atomic_energies(params, graph)         # (n_node,) eV, 0 on padding
-
-Forces, stress and Hessians are *not* part of the model: they are derived
-from ``energy`` by :mod:`equijax.physics`. A model never knows how it is
-trained (:mod:`equijax.training`).
-"""
+"""NequIP (Batzner et al., Nat. Commun. 13, 2453 (2022)) as pure functions: its config and its factory."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple, Optional
+from typing import Optional
 
 import e3nn_jax as e3nn
 import jax
@@ -26,11 +13,16 @@ import numpy as np
 
 from equijax import graph as graph_lib
 from equijax import kernels, layers
+from equijax.config import default
+from equijax.models.potential import Potential, check_species, species_index, total_energy
 
 
 @dataclasses.dataclass(frozen=True)
 class NequIPConfig:
     """Hyperparameters of a NequIP potential (hashable, JSON-serialisable).
+
+    Defaults are those of the run-config schema's ``model`` section
+    (:data:`equijax.config.SCHEMA`, ``equijax config``): one source.
 
     Attributes:
         species: atomic numbers the model knows, in embedding order.
@@ -63,22 +55,22 @@ class NequIPConfig:
     """
 
     species: tuple = (1, 6, 7, 8)
-    cutoff: float = 5.0
-    l_max: int = 2
-    parity: bool = True
-    channels: int = 32
-    n_layers: int = 4
-    n_radial: int = 8
-    radial_hidden: tuple = (64, 64)
-    envelope_p: int = 6
-    avg_num_neighbours: float = 12.0
-    message_normalization: str = "sqrt"
-    readout_hidden: int = 16
-    dtype: str = "float32"
+    cutoff: float = default("model.cutoff")
+    l_max: int = default("model.l_max")
+    parity: bool = default("model.parity")
+    channels: int = default("model.channels")
+    n_layers: int = default("model.n_layers")
+    n_radial: int = default("model.n_radial")
+    radial_hidden: tuple = default("model.radial_hidden")
+    envelope_p: int = default("model.envelope_p")
+    avg_num_neighbours: float = 12.0  # the schema's null: from the training data; a model without data needs one
+    message_normalization: str = default("model.message_normalization")
+    readout_hidden: int = default("model.readout_hidden")
+    dtype: str = default("model.dtype")
     energy_shift: Optional[tuple] = None
     energy_scale: Optional[tuple] = None
     members: int = 1
-    backend: str = "auto"
+    backend: str = default("model.backend")
 
     def replace(self, **kwargs) -> "NequIPConfig":
         return dataclasses.replace(self, **kwargs)
@@ -101,68 +93,6 @@ class NequIPConfig:
             parities = (1, -1) if self.parity else ((-1) ** l,)
             irreps += [(self.channels, (l, p)) for p in parities]
         return e3nn.Irreps(irreps)
-
-
-class Potential(NamedTuple):
-    """A potential as pure functions (see the module docstring).
-
-    Attributes:
-        init: ``(key) -> params``.
-        atomic_energies: ``(params, graph) -> (n_node,)`` eV, zero on padding.
-        energy: ``(params, graph) -> (n_graph,)`` eV, zero on padding graphs.
-        config: the hyperparameters.
-        charges: ``(params, graph) -> (n_node,)`` atomic charges (e) from a
-            second readout of the same features, shifted so that each graph
-            carries its total charge (``globals["charge"]``, default 0).
-        dipole: ``(params, graph) -> (n_graph, 3)`` e·Å, ``Σ_i q_i r_i``
-            (origin-independent for neutral molecules; not for crystals).
-        member: for a committee (:func:`equijax.ensemble.committee`), the
-            potential of one member; ``None`` for a single potential.
-    """
-
-    init: Callable
-    atomic_energies: Callable
-    energy: Callable
-    config: NequIPConfig
-    charges: Optional[Callable] = None
-    dipole: Optional[Callable] = None
-    member: Optional["Potential"] = None
-
-
-def species_index(species: tuple, atomic_numbers: jax.Array) -> jax.Array:
-    """(n_node,) Z -> index into ``species``; -1 for every other Z (padding's 0 included).
-
-    Nothing is clipped or remapped: an element the model does not know gets
-    -1, and :func:`nequip`'s energies are NaN for it (and a ``ValueError``
-    when called outside ``jit``), never another element's energy.
-    """
-    table = np.full(max(max(species), 118) + 1, -1, np.int32)
-    table[list(species)] = np.arange(len(species))
-    z = jnp.asarray(atomic_numbers)
-    inside = (z >= 0) & (z < len(table))
-    return jnp.where(inside, jnp.asarray(table)[jnp.clip(z, 0, len(table) - 1)], -1)
-
-
-def check_species(species: tuple, graph: jraph.GraphsTuple) -> None:
-    """Raise ``ValueError`` for real atoms of elements outside ``species``.
-
-    Runs on concrete arrays only; under ``jit``/``vmap`` it does nothing
-    (there the energy of such a graph is NaN instead).
-    """
-    try:
-        z = np.asarray(graph.nodes["atomic_numbers"])
-        mask = np.asarray(graph.nodes["mask"])
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return
-    unknown = sorted(set(z[mask].tolist()) - set(species))
-    if unknown:
-        raise ValueError(f"atomic numbers {unknown} are unknown to this model, which knows {list(species)}")
-
-
-def total_energy(atomic: jax.Array, graph: jraph.GraphsTuple) -> jax.Array:
-    """Sum (n_node,) atomic energies into (n_graph,) graph energies."""
-    n_graph = graph.n_node.shape[0]
-    return jax.ops.segment_sum(atomic, graph_lib.node_graph_index(graph), num_segments=n_graph)
 
 
 def nequip(config: NequIPConfig, interaction=None) -> Potential:
