@@ -8,15 +8,34 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
                            " --xla_llvm_disable_expensive_passes=true").strip()
 
-# the CLI and the calculator keep compiled programs in ~/.cache/equijax: not the tests' business
-os.environ["EQUIJAX_CACHE_DIR"] = "off"
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# The suite is mostly compilation, and many tests compile the same small programs (a killed run and its
+# resume; the same tiny config in several files; the CLI in subprocesses). One persistent compilation cache
+# per test run, shared by both workers and every subprocess they start (EQUIJAX_CACHE_DIR is what the CLI
+# and the notebooks' calculators read), compiles each program once. Never the user's ~/.cache/equijax.
+# The controller imports this file first and makes the folder; the workers it spawns inherit the variable.
+if "EQUIJAX_TEST_CACHE" not in os.environ:
+    os.environ["EQUIJAX_TEST_CACHE"] = tempfile.mkdtemp(prefix="equijax-tests-")
+CACHE = Path(os.environ["EQUIJAX_TEST_CACHE"]) / "xla"
+os.environ["EQUIJAX_CACHE_DIR"] = str(CACHE)
 
 import jax  # noqa: E402
-import pytest
+import pytest  # noqa: E402
 
+from equijax import compile_cache  # noqa: E402
+
+compile_cache.enable(CACHE)
 jax.config.update("jax_enable_x64", True)  # tests only; the library flips no flags
 jax.config.update("jax_debug_nans", True)
 jax.config.update("jax_debug_infs", True)
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):  # the controller (or a run without workers): the run is over
+        shutil.rmtree(os.environ["EQUIJAX_TEST_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

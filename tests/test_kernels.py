@@ -108,12 +108,23 @@ def test_backend_choice():
 def test_compile_cache_location_follows_the_environment(monkeypatch, tmp_path):
     from equijax import compile_cache
 
+    import subprocess
+    import sys
+
+    suite_cache = jax.config.jax_compilation_cache_dir  # set aside while enable() is checked
+    jax.config.update("jax_compilation_cache_dir", None)
     monkeypatch.setenv("EQUIJAX_CACHE_DIR", "off")
-    assert compile_cache.default_dir() is None and compile_cache.enable() is None
+    try:
+        assert compile_cache.default_dir() is None and compile_cache.enable() is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", suite_cache)
     monkeypatch.delenv("EQUIJAX_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert compile_cache.default_dir() == tmp_path / "xdg" / "equijax" / "xla"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert compile_cache.default_dir() == tmp_path / "home" / ".cache" / "equijax" / "xla"
-    assert jax.config.jax_compilation_cache_dir is None  # importing equijax switched nothing on
+    # importing equijax switches nothing on (a fresh process: this one runs the suite's cache)
+    out = subprocess.run([sys.executable, "-c", "import equijax, equijax.calculator, jax; "
+                          "print(jax.config.jax_compilation_cache_dir)"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None", out.stdout
