@@ -67,6 +67,9 @@ class EquijaxCalculator(Calculator):
             model, params, _ = checkpoint.load_model(checkpoint_path, backend)
         if model is None or params is None:
             raise ValueError("give a checkpoint path, or both model and params")
+        if model.config.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError("a float64 model needs float64 enabled: call jax.config.update('jax_enable_x64', "
+                             "True) before creating the calculator (the equijax commands do it themselves)")
         self.model, self.params = model, params
         self.dtype = np.float64 if model.config.dtype == "float64" else np.float32
         fns = compiled(model, hessian_batch_size)

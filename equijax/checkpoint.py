@@ -218,20 +218,85 @@ def load_model(path, backend: str | None = None) -> Loaded:
     Raises:
         FileNotFoundError, CheckpointError: as :func:`load`.
     """
-    from equijax.models import NequIPConfig, nequip
+    from equijax.models import build
 
     _, content = _read(path)
     if "config" not in content or "params" not in content:
         raise CheckpointError(f"{path}: holds no model (config and params)")
-    try:
-        config = NequIPConfig.from_dict(content["config"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: bad model config ({err})") from err
+    config = model_config(path, content["config"])
+    if config.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise CheckpointError(f"{path} is a float64 model: enable float64 before loading it "
+                              "(jax.config.update('jax_enable_x64', True); the equijax commands do it themselves)")
     if backend is None:
         backend = config.backend if kernels.available(config.backend) else "auto"
-    config = config.replace(backend=backend)
+    model = build(config.replace(backend=backend))
+    params = _inference_params(content)
+    check_params(path, model, params)
     metadata = {k: v for k, v in content.items() if k not in _STATE}
-    return Loaded(nequip(config), jax.tree_util.tree_map(jax.numpy.asarray, _inference_params(content)), metadata)
+    return Loaded(model, jax.tree_util.tree_map(jax.numpy.asarray, params), metadata)
+
+
+def stored_dtype(path) -> str | None:
+    """The ``dtype`` a model file or checkpoint's model config records, read from its metadata alone
+    (no array is loaded); ``None`` when it cannot be told (the full load then says why)."""
+    try:
+        with zipfile.ZipFile(path) as z, z.open(META + ".npy") as f:
+            meta = json.loads(np.lib.format.read_array(f, allow_pickle=False).tobytes().decode())
+        return meta["tree"]["dict"]["config"]["dict"]["dtype"]["value"]
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def model_config(path, config: dict):
+    """The model config a file records, type-checked (``NequIPConfig.from_dict``).
+
+    Raises:
+        CheckpointError: naming ``path`` and the bad key.
+    """
+    from equijax.models import NequIPConfig
+
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: bad model config (not a mapping)")
+    try:
+        return NequIPConfig.from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: bad model config ({err})") from err
+
+
+def check_params(path, model, params, what: str = "parameter") -> None:
+    """Compare a file's parameter tree with the one its model makes: names, shapes, dtypes, finiteness.
+
+    The model's own tree is ``jax.eval_shape`` of its ``init`` (nothing is
+    computed). ``what`` names the tree in messages (``"EMA parameter"``).
+
+    Raises:
+        CheckpointError: one line naming ``path`` and the first parameter that differs.
+    """
+    expected = _leaves(jax.eval_shape(model.init, jax.random.PRNGKey(0)))
+    given = _leaves(params)
+    for name in expected:
+        if name not in given:
+            raise CheckpointError(f"{path}: {what} {name} is missing")
+    for name, leaf in given.items():
+        if name not in expected:
+            raise CheckpointError(f"{path}: {what} {name} is not one this model has")
+        array = np.asarray(leaf)
+        want = expected[name]
+        if array.shape != tuple(want.shape):
+            raise CheckpointError(f"{path}: {what} {name} has shape {array.shape}, the model needs "
+                                  f"{tuple(want.shape)}")
+        wanted_dtype = np.dtype(model.config.dtype)
+        if array.dtype != wanted_dtype:
+            raise CheckpointError(f"{path}: {what} {name} is {array.dtype}, the model's config says "
+                                  f"{model.config.dtype}")
+        if not np.all(np.isfinite(array)):
+            raise CheckpointError(f"{path}: {what} {name} holds NaN or infinite values")
+
+
+def _leaves(tree) -> dict:
+    """``{"layers[0].radial[1].w": leaf}`` for every leaf of a parameter tree."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(keys, simple=True, separator="."): leaf for keys, leaf in flat}
 
 
 def export_model(checkpoint_path, model_path) -> Path:

@@ -60,6 +60,16 @@ SCHEMA: dict = {
         "e0s": Key("mapping", None, "isolated-atom reference energies of the reference method: a JSON file "
                                     "written by experiments/make_data.py, or {symbol: energy}; anchor of the "
                                     "per-element energy shift", "eV", optional=True),
+        "bad_frames": Key(("error", "warn", "skip"), "error",
+                          "what an implausible training or validation frame does (a force beyond data.max_force, "
+                          "atoms closer than data.min_distance, an energy beyond data.energy_outlier_mads): stop "
+                          "naming the file, the frame and the value (error), train on it with a warning (warn), "
+                          "or leave it out and list it in result.json (skip)"),
+        "max_force": Key(float, 50.0, "a force component beyond this marks a bad frame", "eV/Å"),
+        "min_distance": Key(float, 0.5, "two atoms closer than this mark a bad frame", "Å"),
+        "energy_outlier_mads": Key(float, 50.0, "an energy per atom this many median absolute deviations from the "
+                                                "set's (after a per-element linear fit) marks a bad frame",
+                                   "MADs"),
         "energy_shift": Key(("auto", "e0s", "least_squares"), "auto",
                             "per-element shift: isolated-atom energies plus the smallest per-element "
                             "binding energies that fit the training compositions (e0s: transferable), or "

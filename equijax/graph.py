@@ -48,21 +48,29 @@ Padding rules. Real graphs come first, then at least one padding graph, which
 owns every padding node and padding edge; padding edges join the first padding
 node to itself, padding nodes sit at the origin, and every padded field is
 zero. Models must use the explicit masks, never "the last graph is padding":
-:func:`pad` always appends padding, but a stack of padded batches (for
-``vmap``) or a user's own graphs need not follow that.
+:func:`build_graph` always appends padding, but a stack of padded batches
+(for ``vmap``) or a user's own graphs need not follow that.
 
-Padded sizes. A batch built alone is padded to :func:`pad_sizes` (each of
-node, edge and graph counts rounded up on the ladder 2^k, 1.5·2^k of
-:func:`bucket`). Because the three counts are rounded independently, their
-combinations multiply over a stream of varied structures (the 40 molecules,
-batches and metal cells of 3–60 atoms in ``tests/test_calculator.py`` give 22
-distinct shapes). Code that sees such a stream (the ASE calculator,
-``equijax evaluate``) instead keeps a **grow-only capacity**
-(:func:`grow_capacity`): one padded shape, with 25% headroom, that grows at
-least twofold in the dimension that overflows and never shrinks, so a stream
-compiles O(log(max size / min size)) times (3 for that stream; at most 5 in
-200 random orders of a similar one). Training data sets pad every batch to
-room for their largest shard: one shape.
+Padded sizes: one policy per situation, each bounding compilations.
+
+* A batch built alone (``build_graph`` without ``pad_to``) is padded on the
+  **joint ladder** of :func:`joint_sizes`: one rung sets the node, edge and
+  graph counts together, so a loop of ``build_graph`` + ``jit`` over a
+  stream of varied structures compiles a few programs per doubling of size
+  (the 40 molecules, batches and metal cells of 3–60 atoms in
+  ``tests/test_graph.py``: 6). ``pad_to="bucket"`` rounds each count on its
+  own ladder (:func:`pad_sizes`: less padding, but the combinations multiply:
+  22 shapes for that stream). ``pad_to="tight"``: one padding node, edge and
+  graph.
+* Code that sees a stream and cares about padding too (the ASE calculator,
+  ``equijax evaluate``) keeps a **grow-only capacity**
+  (:func:`grow_capacity`): one padded shape, with 25% headroom, that grows at
+  least twofold in the dimension that overflows and never shrinks (3 shapes
+  for that stream).
+* Training data sets pad every batch to room for their largest shard: one shape.
+
+:func:`stack_graphs` needs graphs of one padded size: build them with one
+``pad_to`` (e.g. the largest of their :func:`padded_sizes`).
 """
 
 from __future__ import annotations
@@ -233,6 +241,31 @@ def pad_sizes(n_node: int, n_edge: int, n_graph: int) -> tuple[int, int, int]:
     return bucket(n_node + 1), bucket(n_edge + 1), bucket(n_graph + 1, minimum=2)
 
 
+#: edges per node of the joint ladder's edge capacities (molecules, dense solids, very dense ones)
+EDGE_DENSITIES = (8, 32, 128)
+
+
+def joint_sizes(n_node: int, n_edge: int, n_graph: int, minimum: int = 16) -> tuple[int, int, int]:
+    """Padded ``(n_node, n_edge, n_graph)`` on the joint ladder, room for the padding graph included.
+
+    One rung ``k`` sets all three counts: ``N = minimum · 2^k`` nodes,
+    ``N · d`` edges with ``d`` of :data:`EDGE_DENSITIES`, and ``max(2, N/4)``
+    graphs; the smallest ``(k, d)`` that holds the batch. Because the counts
+    move together, a stream of varied structures compiles at most three
+    programs per doubling of its size (where rounding each count on its own,
+    :func:`pad_sizes`, multiplies the combinations); the price is more
+    padding (edges up to about 4x, nodes 2x).
+    """
+    need = (int(n_node) + 1, int(n_edge) + 1, int(n_graph) + 1)
+    nodes = minimum
+    while True:
+        for density in EDGE_DENSITIES:
+            sizes = (nodes, nodes * density, max(2, nodes // 4))
+            if all(n <= c for n, c in zip(need, sizes)):
+                return sizes
+        nodes *= 2
+
+
 def grow_capacity(capacity, real, growth: float = 2.0, headroom: float = 1.25,
                   minimum=(16, 256, 2)) -> tuple[int, int, int]:
     """Grow-only padded sizes for a stream of batches (see the module docstring).
@@ -275,9 +308,12 @@ def build_graph(
             accepted too).
         cutoff: neighbour cutoff radius in Å.
         species: atomic numbers the model knows; others raise ``ValueError``.
-        pad_to: ``(n_node, n_edge, n_graph)``; default from :func:`pad_sizes`;
-            ``"tight"``: exactly one padding node, edge and graph (for one-off
-            work such as a Hessian, where a bucket would only waste columns).
+        pad_to: ``(n_node, n_edge, n_graph)``; by default the joint ladder
+            of :func:`joint_sizes` (few compilations over a varied stream);
+            ``"bucket"``: each count on its own ladder (:func:`pad_sizes`,
+            less padding, more shapes); ``"tight"``: exactly one padding
+            node, edge and graph (for one-off work such as a Hessian, where
+            a bucket would only waste columns).
         dtype: float dtype of positions, shifts, cell and labels.
         neighbour_lists: precomputed :func:`neighbours` of each structure
             (structures already checked), to batch a data set repeatedly.
@@ -313,9 +349,11 @@ def build_graph(
     n_edges = np.array([len(p[0]) for p in parts])
     real = (int(n_atoms.sum()), int(n_edges.sum()), len(structures))
     if pad_to is None:
-        sizes = pad_sizes(*real)
-    elif isinstance(pad_to, str) and pad_to == "tight":
-        sizes = (real[0] + 1, real[1] + 1, real[2] + 1)
+        sizes = joint_sizes(*real)
+    elif isinstance(pad_to, str) and pad_to in ("tight", "bucket"):
+        sizes = (real[0] + 1, real[1] + 1, real[2] + 1) if pad_to == "tight" else pad_sizes(*real)
+    elif isinstance(pad_to, str):
+        raise ValueError(f"pad_to must be sizes, 'tight' or 'bucket', got {pad_to!r}")
     else:
         sizes = tuple(pad_to)
     if sizes[0] < real[0] + 1 or sizes[1] < real[1] + 1 or sizes[2] < real[2] + 1:
@@ -406,8 +444,17 @@ def padded_sizes(graph: jraph.GraphsTuple) -> tuple[int, int, int]:
 
 
 def stack_graphs(graphs: Sequence[jraph.GraphsTuple], as_numpy: bool = False) -> jraph.GraphsTuple:
-    """Stack equally padded graphs along a new leading axis (for ``vmap``)."""
+    """Stack equally padded graphs along a new leading axis (for ``vmap``).
+
+    Raises:
+        ValueError: graphs of different padded sizes (build them with one ``pad_to``).
+    """
     import jax
+
+    sizes = {padded_sizes(g) for g in graphs}
+    if len(sizes) > 1:
+        raise ValueError(f"graphs of different padded sizes {sorted(sizes)} cannot be stacked: build them "
+                         "with one pad_to, e.g. the largest of their padded_sizes")
 
     return jax.tree_util.tree_map(lambda *xs: (np.stack if as_numpy else jnp.stack)(xs), *graphs)
 
@@ -453,6 +500,7 @@ __all__ = [
     "neighbours",
     "bucket",
     "pad_sizes",
+    "joint_sizes",
     "grow_capacity",
     "build_graph",
     "padded_sizes",

@@ -10,6 +10,8 @@ who writes a new layer can check it in one line::
 
 from __future__ import annotations
 
+import contextlib
+
 import e3nn_jax as e3nn
 import jax
 import jax.numpy as jnp
@@ -64,3 +66,40 @@ def equivariance_errors(energy_fn, params, structure, cutoff, key=jax.random.PRN
         errs["hessian"] = float(np.abs(hb - rotated).max())
     return errs
 
+
+
+#: the JAX event of one program lowered for XLA: compiled, or loaded from the persistent cache
+_LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+@contextlib.contextmanager
+def count_compilations(fn=None):
+    """Count compilations inside the block::
+
+        energy = jax.jit(model.energy)
+        with equijax.testing.count_compilations(energy) as compiled:
+            for atoms in stream:
+                energy(params, equijax.build_graph(atoms, cutoff))
+        assert compiled() <= 6
+
+    With a jitted ``fn``: the programs it added (one per new input shape).
+    Without: every program JAX lowered in the block, the small ones of
+    array conversions and ``jnp`` calls outside any ``jit`` included. A
+    program counts whether XLA compiles it or the persistent compilation
+    cache supplies it; a call that reuses a compiled program does not count.
+    """
+    if fn is not None:
+        before = fn._cache_size()
+        yield lambda: fn._cache_size() - before
+        return
+    count = [0]
+
+    def listener(event, duration, **kwargs):
+        if event == _LOWERED:
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield lambda: count[0]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

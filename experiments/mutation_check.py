@@ -25,6 +25,31 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name: (file, original text, mutated text, tests that must fail)
 MUTATIONS = {
+    "model_file_shapes_unchecked": (
+        "equijax/checkpoint.py",
+        "        if array.shape != tuple(want.shape):",
+        "        if False:  # BUG: a parameter of a wrong (broadcastable) shape is used as it is",
+        ["tests/test_checkpoint.py::test_damaged_model_files_are_refused_naming_the_file_and_the_parameter"],
+    ),
+    "md_appends_without_the_atomic_step": (
+        "equijax/md/output.py",
+        "        self.lengths = [_append(p, t) for p, t in zip(self.paths, [t.getvalue() for t in texts] + [log])]",
+        "        [open(p, \"a\").write(t) for p, t in zip(self.paths, [t.getvalue() for t in texts] + [log])]"
+        "  # BUG: appended as it comes, the committed lengths never move",
+        ["tests/test_md_resume.py::test_a_run_killed_between_chunks_or_inside_an_append_resumes_exactly"],
+    ),
+    "energy_outliers_unchecked": (
+        "equijax/loader/checks.py",
+        "        far = np.abs(residual - centre) > limits.energy_mads * mad",
+        "        far = np.zeros(len(residual), bool)  # BUG: absurd energies are trained on",
+        ["tests/test_data_checks.py::test_an_absurd_energy_or_a_too_close_pair_stops_the_run_naming_file_frame_and_value"],
+    ),
+    "run_folders_not_compared": (
+        "equijax/training/run.py",
+        "    check_shared_folder(output)  # several processes: one folder, or one line in every process",
+        "    pass  # BUG: processes with their own folders train on",
+        ["tests/test_distributed.py::test_a_run_folder_per_process_is_refused_at_start_up_in_one_line"],
+    ),
     "budget_pack_ignores_edges": (
         "equijax/loader/batching.py",
         "if nodes + a[k] > budget.nodes or edges + e[k] > budget.edges or k - start == budget.graphs:",
@@ -192,8 +217,9 @@ MUTATIONS = {
     ),
     "distributed_env_ignored": (
         "equijax/runtime/distributed.py",
-        '    for name, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):',
-        '    for name, key in ():  # BUG: only JAX reads the environment (the README launch fails)',
+        '    for name, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id"),\n'
+        '                      ("EQUIJAX_HEARTBEAT_TIMEOUT", "heartbeat_timeout_seconds")):',
+        '    for name, key in ():  # BUG: only JAX reads the environment (the documented launch fails)',
         ["tests/test_distributed.py::test_two_processes_train_as_one_and_resume_across_processes"],
     ),
     "cue_coefficients_off_for_l2_harmonics": (

@@ -146,3 +146,90 @@ def test_truncated_and_foreign_files_are_clear_errors(tmp_path):
         equijax.load(foreign)
     with pytest.raises(FileNotFoundError):
         equijax.load(tmp_path / "missing.npz")
+
+
+def _rewritten(tmp_path, name, change):
+    """A copy of a good model file with ``change(content)`` applied (content: config and params)."""
+    model, params = tiny_model()
+    content = {"config": model.config.to_dict(), "params": jax.tree_util.tree_map(np.array, params)}  # writable
+    change(content)
+    return checkpoint.save_model(tmp_path / f"{name}.npz", content["config"], content["params"])
+
+
+def test_damaged_model_files_are_refused_naming_the_file_and_the_parameter(tmp_path, capsys):
+    def params(fn):
+        return lambda c: fn(c["params"])
+
+    damages = {  # name: (change, words the message must hold)
+        "broadcastable_shift": (params(lambda p: p.update(shift=p["shift"][:1])), "shift has shape (1,)"),
+        "nan": (params(lambda p: p["embedding"].__setitem__((0, 0), np.nan)), "embedding holds NaN"),
+        "complex": (params(lambda p: p.update(scale=p["scale"].astype(np.complex64))), "scale is complex64"),
+        "missing": (params(lambda p: p.pop("readout")), "parameter readout"),
+        "wrong_shape": (params(lambda p: p.update(embedding=np.zeros((4, 4), np.float32))), "embedding has shape"),
+        "float64_config": (lambda c: c["config"].update(dtype="float64"), "is float32, the model's config says "
+                                                                          "float64"),
+        "config_type": (lambda c: c["config"].update(l_max="two"), "model.l_max must be an integer"),
+    }
+    for name, (change, words) in damages.items():
+        path = _rewritten(tmp_path, name, change)
+        with pytest.raises(checkpoint.CheckpointError) as err:
+            equijax.load(path)
+        assert str(path) in str(err.value) and words in str(err.value), (name, str(err.value))
+    with pytest.raises(SystemExit) as stop:  # and through the command line: one line, exit 2
+        cli.main(["evaluate", str(tmp_path / "broadcastable_shift.npz"), str(tmp_path / "missing.xyz")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "shift has shape (1,)" in err
+
+
+def test_a_resume_from_a_checkpoint_that_does_not_fit_its_model_names_the_file(tmp_path):
+    from equijax import config as config_lib
+
+    cfg = config_lib.load(None, ["data.train=[data/ethanol_train.xyz]", "data.test=null", "data.max_train=16",
+                                 "model.channels=4", "model.n_layers=1", "model.radial_hidden=[8]",
+                                 "train.batch_size=4", "train.max_steps=4"])
+    model_cfg = equijax.NequIPConfig(species=(1, 6, 8), l_max=1, channels=4, n_layers=1, radial_hidden=(8,),
+                                     n_radial=8, cutoff=5.0)
+    params = jax.tree_util.tree_map(np.asarray, equijax.nequip(model_cfg).init(jax.random.PRNGKey(0)))
+    bad = dict(params, embedding=np.zeros((3, 5), np.float32))
+    path = checkpoint.save(tmp_path / "run" / "checkpoint.npz", config=model_cfg.to_dict(), params=bad,
+                           ema_params=params, opt_state=[], step=np.int32(2),
+                           plateau=training.Plateau().state_dict(), run_config=cfg)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        training.fit(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    assert str(path) in str(err.value) and "parameter embedding has shape (3, 5)" in str(err.value)
+
+
+FLOAT64 = """
+import sys
+import jax
+import numpy as np
+from equijax import checkpoint, cli, config, training
+overrides = sys.argv[2:]
+try:  # the library flips no JAX flag: float64 without x64 is refused, not truncated
+    training.fit(config.load(None, overrides), sys.argv[1] + "/lib", progress=False, log=lambda *a: None)
+except config.ConfigError as err:
+    print("refused:", err)
+assert not jax.config.jax_enable_x64
+cli.main(["train", *overrides, "--output", sys.argv[1] + "/cli", "--no-progress"])  # the command switches x64 on
+content = checkpoint.load_model(sys.argv[1] + "/cli/model.npz")
+leaves = jax.tree_util.tree_leaves(content.params)
+print("dtypes:", sorted({str(x.dtype) for x in leaves}))
+print("beyond float32:", any(np.any(np.asarray(x) != np.asarray(x).astype(np.float32)) for x in leaves))
+"""
+
+
+def test_float64_runs_train_save_and_evaluate_in_float64(tmp_path):
+    overrides = ["data.train=[data/ethanol_train.xyz]", "data.test=null", "data.max_train=8", "model.channels=4",
+                 "model.n_layers=1", "model.radial_hidden=[8]", "model.l_max=1", "train.batch_size=4",
+                 "train.max_steps=2", "train.eval_every=2", "train.warmup_steps=1", "model.dtype=float64"]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_ENABLE_X64"}
+    out = subprocess.run([sys.executable, "-c", FLOAT64, str(tmp_path), *overrides], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "refused: model.dtype=float64 needs float64 enabled" in out.stdout
+    assert "dtypes: ['float64']" in out.stdout and "beyond float32: True" in out.stdout, out.stdout
+    assert "truncated to dtype float32" not in out.stderr
+    # a float64 file evaluates in float64 (this process has x64 on; the calculator keeps the file's precision)
+    calc = EquijaxCalculator(tmp_path / "cli" / "model.npz")
+    assert calc.dtype == np.float64 and calc.params["embedding"].dtype == np.float64
+    assert np.asarray(calc._efs(calc.params, calc._graph(methanol())).energy).dtype == np.float64

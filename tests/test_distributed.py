@@ -6,18 +6,24 @@ losses and parameters of one process with two devices on the same global
 batches (packed to a budget from lazily read frames, each process building
 only the shards of its own devices); only process 0 writes files; a run killed in both processes
 resumes from the checkpoint across processes and ends where the
-uninterrupted run ends.
+uninterrupted run ends. Faults end cleanly: processes that do not share one
+run folder are refused at start-up, in one line each; a process killed by
+SIGKILL makes the other exit non-zero within the heartbeat bound with one
+line, and the last checkpoint still loads.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
+import pytest
 
 from equijax import checkpoint
 
@@ -54,14 +60,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(command, tmp_path):
+def _start_two(command, tmp_path, per_process=lambda i: []):
     port = _free_port()
     procs = []
     for i in range(2):
         env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu")
-        procs.append(subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                   JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu", EQUIJAX_HEARTBEAT_TIMEOUT="10", EQUIJAX_HUGEPAGES="0")
+        procs.append(subprocess.Popen(command + per_process(i), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _two_processes(command, tmp_path):
+    procs = _start_two(command, tmp_path)
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -95,3 +106,38 @@ def test_two_processes_train_as_one_and_resume_across_processes(tmp_path):
               for run in ("two", "one")]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
     assert not list((tmp_path / "two").glob("*.tmp"))
+
+
+CLI = [sys.executable, "-m", "equijax.cli", "train", "--distributed", "--no-progress"]
+
+
+def test_a_run_folder_per_process_is_refused_at_start_up_in_one_line(tmp_path):
+    procs = _start_two(CLI + OVERRIDES, tmp_path, lambda i: ["--output", str(tmp_path / f"own{i}")])
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, err[-2000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("equijax: error:") and "do not see the run folder" in last, err[-2000:]
+        assert "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "own0" / "checkpoint.npz").exists()
+
+
+@pytest.mark.parametrize("dies", [1, 0])  # a worker, or process 0 (the coordinator and the writer)
+def test_a_killed_process_stops_the_other_within_the_bound_and_the_checkpoint_survives(tmp_path, dies):
+    run = tmp_path / "two"
+    procs = _start_two(CLI + ["--output", str(run)] + OVERRIDES + ["train.max_steps=100000"], tmp_path)
+    started = time.time()
+    while not (run / "checkpoint.npz").exists() and time.time() - started < 240:
+        time.sleep(0.2)
+    assert (run / "checkpoint.npz").exists(), procs[0].communicate(timeout=5)[1][-2000:]
+    procs[dies].send_signal(signal.SIGKILL)
+    killed = time.time()
+    survivor = procs[1 - dies]
+    _, err = survivor.communicate(timeout=120)
+    assert time.time() - killed < 60  # the bound (heartbeat timeout 10 s; gloo notices at the next step)
+    assert survivor.returncode == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("equijax: error: another process of this distributed run stopped"), err[-3000:]
+    assert "Traceback" not in err and "@ 0x" not in err, err[-3000:]  # one line: no Python or C++ trace
+    assert int(checkpoint.load(run / "checkpoint.npz")["step"]) >= 4  # still resumable
+

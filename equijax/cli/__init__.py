@@ -17,6 +17,7 @@ ever unpickled.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from equijax.cli import analysis, evaluate, md, train
@@ -108,8 +109,28 @@ def main(argv=None):
         user_error = isinstance(err, (UsageError, ValueError, FileNotFoundError, IsADirectoryError,
                                       PermissionError, RuntimeError, TypeError, MemoryError))
         message = " ".join(str(err).split()) or type(err).__name__
-        if not user_error:
+        distributed = _distributed()
+        if distributed and distributed.lost_peer(err):
+            message = ("another process of this distributed run stopped, so this one stops too; the last "
+                       f"checkpoint is intact: run the same command again to resume ({message[:200]})")
+        elif not user_error:
             message = f"{type(err).__name__}: {message} (an internal error: please report it; --debug shows more)"
         print(f"equijax: error: {message}", file=sys.stderr)
-        sys.exit(2 if user_error else 1)
+        code = 2 if user_error else 1
+        if distributed and distributed.jax.process_count() > 1:
+            # JAX's exit handler would wait at a shutdown barrier for processes that may be gone, then abort
+            # with a C++ trace; this process has nothing left to do
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(code)
+        sys.exit(code)
+
+
+def _distributed():
+    """:mod:`equijax.runtime.distributed` if this process imported JAX (else no run can be distributed)."""
+    if "jax" not in sys.modules:
+        return None
+    from equijax.runtime import distributed
+
+    return distributed
 

@@ -7,15 +7,13 @@ from pathlib import Path
 
 
 def _vibrate(args):
-    import jax
-
-    jax.config.update("jax_enable_x64", True)  # the application, not the library, asks for float64
     import ase.io
     import numpy as np
 
-    from equijax import checkpoint, plots, vibrations
+    from equijax import plots, vibrations
+    from equijax.cli.common import load_model
 
-    model, params, payload = checkpoint.load_model(args.checkpoint)
+    model, params, payload = load_model(args.checkpoint, float64=True)  # the analysis runs in float64
     trained_dipole = ((payload.get("run_config") or {}).get("train", {}).get("weights", {}).get("dipole", 0) or 0) > 0
     if args.ir and not (trained_dipole and "charges" in params):
         raise ValueError(f"{args.checkpoint} was not trained on dipoles, so its IR intensities would be "
@@ -57,17 +55,13 @@ def _vibrate(args):
 
 
 def _phonons(args):
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
     import ase.io
     import numpy as np
 
-    from equijax import checkpoint, phonons, plots
-    from equijax.models import float64_model
+    from equijax import phonons, plots
+    from equijax.cli.common import load_model
 
-    model, params, _ = checkpoint.load_model(args.checkpoint)
-    model, params = float64_model(model, params)
+    model, params, _ = load_model(args.checkpoint, float64=True)
     prim = ase.io.read(args.structure)
     if not prim.pbc.all():
         raise ValueError(f"{args.structure}: phonons need a cell periodic in all three directions")

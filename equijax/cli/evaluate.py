@@ -9,10 +9,11 @@ from pathlib import Path
 def _evaluate(args):
     import numpy as np
 
-    from equijax import checkpoint, data as data_lib, io, plots, training
+    from equijax import data as data_lib, io, plots, training
+    from equijax.cli.common import load_model
     from equijax.compiled import compiled
 
-    model, params, _ = checkpoint.load_model(args.checkpoint)
+    model, params, _ = load_model(args.checkpoint)
     cfg = model.config
     out = Path(args.output or Path(args.checkpoint).with_suffix("").as_posix() + "_eval")
     out.mkdir(parents=True, exist_ok=True)

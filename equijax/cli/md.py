@@ -7,18 +7,12 @@ from pathlib import Path
 
 
 def _md(args):
-    import jax
-
-    if args.float64:
-        jax.config.update("jax_enable_x64", True)
     import ase.io
 
-    from equijax import checkpoint, md
-    from equijax.models import float64_model
+    from equijax import md
+    from equijax.cli.common import load_model
 
-    model, params, _ = checkpoint.load_model(args.checkpoint)
-    if args.float64:
-        model, params = float64_model(model, params)
+    model, params, _ = load_model(args.checkpoint, float64=args.float64)
     atoms = ase.io.read(args.structure, index=args.frame)
     out = Path(args.output or Path(args.structure).stem + "_md")
     n_atoms = len(atoms)
@@ -31,7 +25,7 @@ def _md(args):
                          compressibility=args.compressibility, seed=args.seed, replicas=args.replicas,
                          minimize=args.minimize, fmax=args.fmax, skin=args.skin, capacity=args.capacity,
                          max_force_spread=args.max_force_spread, on_spread=args.on_spread,
-                         output=out, progress=not args.no_progress)
+                         output=out, progress=not args.no_progress, resume=args.resume)
     f = result.frames
     timing = "compile included: a run of one chunk" if result.compile_included else "compile excluded"
     print(f"{result.steps_per_second:.1f} steps/s ({result.steps_per_second * args.replicas:.1f} replica-steps/s), "
@@ -41,7 +35,7 @@ def _md(args):
         drift = (f.conserved[-1] - f.conserved[0]) / max(n_atoms, 1) * 1000
         print(f"mean temperature {f.temperature.mean():.1f} K; conserved-quantity change "
               f"{drift.mean():+.3f} meV/atom over the run (mean over replicas)")
-    print(f"trajectory (extxyz), md_log.csv, md.png, summary.json in {out}/")
+    print(f"trajectory (extxyz), md_log.csv, md.png, summary.json, md_state.npz (to --resume) in {out}/")
 
 
 def register(sub, epilog: str) -> None:
@@ -50,9 +44,10 @@ def register(sub, epilog: str) -> None:
                        description="Molecular dynamics with the whole loop in JAX: an in-JAX neighbour list "
                                    "(reallocated and the chunk replayed on overflow), integrators run in "
                                    "chunks, replicas in one vmapped call. Writes trajectory.extxyz (one per "
-                                   "replica), md_log.csv (energies eV, temperature K, pressure GPa), md.png "
-                                   "and summary.json. Stops with an error at the first unphysical frame, "
-                                   "keeping every frame before it.", epilog=epilog,
+                                   "replica), md_log.csv (energies eV, temperature K, pressure GPa), md.png, "
+                                   "summary.json and md_state.npz, chunk by chunk: a killed run keeps every "
+                                   "complete chunk and --resume continues it exactly. Stops with an error at the "
+                                   "first unphysical frame, keeping every frame before it.", epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("checkpoint", metavar="MODEL", help="model.npz or checkpoint.npz")
     m.add_argument("structure", help="starting structure, any file ASE reads")
@@ -75,7 +70,7 @@ def register(sub, epilog: str) -> None:
     m.add_argument("--fmax", type=float, default=0.05, help="minimisation threshold, eV/Å (default 0.05)")
     m.add_argument("--skin", type=float, help="neighbour-list skin, Å (default 0.25)")
     m.add_argument("--capacity", type=int, help="neighbour-list pairs (default: 1.15 x the pairs found; grows on overflow)")
-    m.add_argument("--float64", action="store_true", help="run in double precision")
+    m.add_argument("--float64", action="store_true", help="run in double precision (a float64 model file always is)")
     m.add_argument("--max-force-spread", type=float, metavar="EV_PER_A",
                    help="committee models only: stop (or warn, see --on-spread) at the first frame where the "
                         "members' per-atom forces disagree by more than this, eV/Å (the spread is logged in "
@@ -83,5 +78,8 @@ def register(sub, epilog: str) -> None:
     m.add_argument("--on-spread", choices=("stop", "warn"), default="stop",
                    help="what --max-force-spread does: stop, keeping every frame before (default), or warn")
     m.add_argument("--output", help="output folder (default: STRUCTURE_md)")
+    m.add_argument("--resume", action="store_true",
+                   help="continue the killed or finished run in the output folder from its last complete chunk "
+                        "(md_state.npz), with the same settings; --steps is the new total")
     m.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     m.set_defaults(func=_md)

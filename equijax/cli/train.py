@@ -8,11 +8,14 @@ from pathlib import Path
 
 def _train(args):
     from equijax import config as config_lib, training
+    from equijax.cli.common import enable_float64
 
-    if args.distributed:
-        training.init_distributed()  # JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID, or SLURM, ...
     config = config_lib.load(args.config, list(args.overrides) + ([f"train.init={args.init}"] if args.init else []))
     output = Path(args.output or config["output"] or "runs/default")
+    if _float64(config, output, resume=not args.restart):
+        enable_float64()  # before any array exists: a float64 run computes and saves in float64
+    if args.distributed:
+        training.init_distributed()  # JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID, or SLURM, ...
     result = training.fit(config, output, resume=not args.restart, progress=not args.no_progress,
                           accept_changes=args.accept_changes)
     import jax
@@ -41,6 +44,17 @@ def _train(args):
                   f"RMSE {t['dipole_derivative_rmse']:7.1f}")
         print(f"  (predicting zero forces: MAE {t['zero_force_mae']:.1f} meV/Å, "
               f"{t['zero_force_mae'] / t['forces_mae']:.1f}× worse)")
+
+
+def _float64(config: dict, output: Path, resume: bool) -> bool:
+    """Whether the run's model is float64: the model section's, a fine-tuned file's, or the checkpoint's."""
+    from equijax import checkpoint, config as config_lib
+
+    if resume and (output / "checkpoint.npz").exists():
+        return checkpoint.stored_dtype(output / "checkpoint.npz") == "float64"
+    if config["train"]["init"]:
+        return checkpoint.stored_dtype(config_lib.data_paths(config["train"]["init"])[0]) == "float64"
+    return config["model"]["dtype"] == "float64"
 
 
 def _config(args):
@@ -95,7 +109,9 @@ def register(sub, epilog: str) -> None:
     t.add_argument("--distributed", action="store_true",
                    help="one of several processes (hosts, or processes of one host) training together: "
                         "reads JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and "
-                        "JAX_PROCESS_ID, or detects SLURM/Open MPI; process 0 writes the files")
+                        "JAX_PROCESS_ID, or detects SLURM/Open MPI; every process needs the same --output "
+                        "(process 0 writes the files); if one process dies the others stop with one line "
+                        "within EQUIJAX_HEARTBEAT_TIMEOUT seconds (default 60), and the command resumes")
     t.set_defaults(func=_train)
     c = sub.add_parser("config", help="every config key with its type, default and unit; or check a config",
                        description="With no arguments: the schema of run configs. With a CONFIG and/or "

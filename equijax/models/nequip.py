@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional
 
 import e3nn_jax as e3nn
@@ -72,6 +73,9 @@ class NequIPConfig:
     members: int = 1
     backend: str = default("model.backend")
 
+    def __post_init__(self):
+        _check(self)
+
     def replace(self, **kwargs) -> "NequIPConfig":
         return dataclasses.replace(self, **kwargs)
 
@@ -80,9 +84,17 @@ class NequIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NequIPConfig":
+        """The config of a model file (or of ``to_dict``), type-checked.
+
+        Raises:
+            ValueError: an unknown key, or a value of the wrong type or range (named).
+        """
         d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}")
         for key in ("species", "radial_hidden", "energy_shift", "energy_scale"):
-            if d.get(key) is not None:
+            if isinstance(d.get(key), (list, tuple)):
                 d[key] = tuple(d[key])
         return cls(**d)
 
@@ -93,6 +105,35 @@ class NequIPConfig:
             parities = (1, -1) if self.parity else ((-1) ** l,)
             irreps += [(self.channels, (l, p)) for p in parities]
         return e3nn.Irreps(irreps)
+
+
+def _check(cfg: NequIPConfig) -> None:
+    """Types and ranges of every field: the run-config schema's rules for the keys it shares, and the rest."""
+    from equijax.config import SCHEMA, _check_value
+
+    def integer(v, low):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if field.name in SCHEMA["model"]:
+            _check_value(f"model.{field.name}", SCHEMA["model"][field.name],
+                         list(value) if isinstance(value, tuple) else value)
+    for name in ("l_max", "channels", "n_layers", "n_radial", "readout_hidden", "members", "envelope_p"):
+        if not integer(getattr(cfg, name), 0 if name == "l_max" else 1):
+            raise ValueError(f"model.{name} must be an integer >= {0 if name == 'l_max' else 1}, "
+                             f"got {getattr(cfg, name)!r}")
+    if not cfg.species or not all(integer(z, 1) and z <= 118 for z in cfg.species):
+        raise ValueError(f"species must be atomic numbers (1-118), got {cfg.species!r}")
+    for name in ("cutoff", "avg_num_neighbours"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0:
+            raise ValueError(f"model.{name} must be a positive number, got {v!r}")
+    for name in ("energy_shift", "energy_scale"):
+        v = getattr(cfg, name)
+        if v is not None and (len(v) != len(cfg.species) or not all(
+                isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v)):
+            raise ValueError(f"{name} must be one number per species ({len(cfg.species)}), got {v!r}")
 
 
 def nequip(config: NequIPConfig, interaction=None) -> Potential:

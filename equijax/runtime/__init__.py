@@ -6,8 +6,8 @@
 """
 
 from equijax.runtime.devices import check_memory, machine_info, memory_available, memory_needed
-from equijax.runtime.distributed import init_distributed
+from equijax.runtime.distributed import check_shared_folder, init_distributed, lost_peer
 from equijax.runtime.sharding import data_mesh, host, replicate, shard
 
-__all__ = ["check_memory", "data_mesh", "host", "init_distributed", "machine_info", "memory_available",
+__all__ = ["check_memory", "check_shared_folder", "lost_peer", "data_mesh", "host", "init_distributed", "machine_info", "memory_available",
            "memory_needed", "replicate", "shard"]

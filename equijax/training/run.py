@@ -10,7 +10,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from equijax import calibration, checkpoint, config as config_lib, ensemble, loader
-from equijax.runtime import check_memory, host, machine_info, replicate, shard
+from equijax.runtime import check_memory, check_shared_folder, host, machine_info, replicate, shard
 from equijax.training.report import Report, Window
 from equijax.training.setup import CHECKPOINT_NAME, MODEL_NAME, Run, setup
 from equijax.training.step import Selection, ensemble_train_step, evaluate, evaluator, lr_factor, train_step
@@ -56,6 +56,7 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     if not lead:
         progress, log = False, (lambda *a, **k: None)
     output.mkdir(parents=True, exist_ok=True)
+    check_shared_folder(output)  # several processes: one folder, or one line in every process
     run, state, plateaus, resumed = setup(config, output, resume, accept_changes, log)
     selection = Selection(plateaus, run.criterion, _resumed_best(resumed, output), run.sections.train.schedule)
     step = int(np.max(host(state.step)))
@@ -66,7 +67,8 @@ def fit(config: dict, output, resume: bool = True, progress: bool = True, log=pr
     if stopped:
         log(f"early stopping at step {step}: no validation improvement for {plateaus[0].stop_patience} evaluations"
             + (" (every member)" if run.committee else ""))
-    result = {"steps": step, "train_time_s": time.time() - t0, "output": str(output), "machine": machine_info()}
+    result = {"steps": step, "train_time_s": time.time() - t0, "output": str(output), "machine": machine_info(),
+              "skipped_frames": [{"frame": where, "reason": reason} for where, reason in run.skipped]}
     if run.sections.data.test:
         result.update(_test(run, selection.best, validate))
     report.finish(result)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from equijax import checkpoint, config as config_lib, ensemble, io, loader
+from equijax.loader import checks
 from equijax.runtime import data_mesh, memory_available, replicate
 from equijax.training.losses import _REPORTED, LossWeights, Terms
 from equijax.training.step import Plateau, TrainState, init_state, initial_params, optimizer
@@ -40,6 +41,7 @@ class Run(NamedTuple):
         terms: what validation and test evaluate (:class:`~equijax.training.losses.Terms`).
         dipole_fn: the model's dipole function when a dipole term is trained, else ``None``.
         steps_per_epoch: steps of the first epoch (budget batching: epochs differ a little).
+        skipped: frames ``data.bad_frames=skip`` left out: ``(file: frame, reason)``.
     """
 
     config: dict
@@ -55,6 +57,7 @@ class Run(NamedTuple):
     terms: Terms
     dipole_fn: object
     steps_per_epoch: int
+    skipped: tuple = ()
 
     @property
     def committee(self) -> bool:
@@ -75,7 +78,7 @@ class Run(NamedTuple):
 
     def read(self, paths, species=None):
         """Labelled structures of data files, in memory or lazily as ``data.lazy`` says."""
-        return _read(self.sections.data, self.weights, paths, species or self.model.config.species)
+        return _read(self.sections.data, self.weights, paths, species or self.model.config.species)[0]
 
     def dataset(self, structures):
         """A data set of the validation set's padded shape (a test set: one evaluator compilation)."""
@@ -91,8 +94,12 @@ def setup(config: dict, output: Path, resume: bool, accept_changes: bool, log):
     s = config_lib.sections(config)
     resumed = _resume_point(config, output, resume, accept_changes, log)
     weights = LossWeights(**s.train.weights._asdict())
-    train, valid = _split(s, weights)
+    train, valid, skipped = _split(s, weights, log)
     model_cfg, start_params = _model_config(s, train, valid, resumed, output, log)
+    if model_cfg.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise config_lib.ConfigError(
+            "model.dtype=float64 needs float64 enabled in JAX (else every array is float32): the equijax "
+            "command does it itself; in Python call jax.config.update('jax_enable_x64', True) before fit")
     model = _build(model_cfg.replace(members=1))
     if s.train.ensemble > 1:
         _check_ensemble_fits(model, s.train.ensemble)
@@ -106,7 +113,7 @@ def setup(config: dict, output: Path, resume: bool, accept_changes: bool, log):
     opt = optimizer(s.train.learning_rate, s.train.warmup_steps, s.train.max_steps, s.train.schedule,
                     s.train.clip_norm)
     run = Run(config, s, output, model, model_cfg.replace(members=s.train.ensemble).to_dict(), train_set, valid_set,
-              mesh, opt, weights, terms, model.dipole if weights.dipole > 0 or with_dmu else None, 0)
+              mesh, opt, weights, terms, model.dipole if weights.dipole > 0 or with_dmu else None, 0, tuple(skipped))
     run = run._replace(steps_per_epoch=len(run.epoch_plan(0)))
     if train_set.budget is not None:
         b = train_set.budget
@@ -128,7 +135,11 @@ def _resume_point(config, output: Path, resume: bool, accept_changes: bool, log)
     if not (resume and ckpt_path.exists()):
         return None
     resumed = checkpoint.load(ckpt_path)
-    changes = config_lib.diff({**resumed["run_config"], "output": None}, {**config, "output": None})
+    try:  # keys added to the schema since the checkpoint was written take their defaults, not a difference
+        before = config_lib.validate(resumed["run_config"])
+    except (config_lib.ConfigError, TypeError):
+        before = resumed["run_config"]
+    changes = config_lib.diff({**before, "output": None}, {**config, "output": None})
     if changes and not accept_changes:
         raise config_lib.ConfigError(
             f"the config differs from the one {ckpt_path} was trained with ({'; '.join(changes)}): "
@@ -139,16 +150,34 @@ def _resume_point(config, output: Path, resume: bool, accept_changes: bool, log)
 
 
 def _read(data, weights: LossWeights, paths, species):
+    """``(structures, where)``: the frames of ``paths`` (in memory, or lazily as ``data.lazy`` says) and
+    ``where(k)``, the file and frame of structure ``k``, for messages."""
     require = ("energy", "forces") + (("dipole",) if weights.dipole > 0 or weights.dipole_derivative > 0 else ())
+    paths = config_lib.data_paths(paths)
     if data.lazy:  # frames parsed when a batch needs them
-        return loader.open_files(config_lib.data_paths(paths), species, require, data.cache_size)
-    return io.read_many(config_lib.data_paths(paths), species=species, require=require)
+        parts = [loader.open_files([p], species, require, max(1, data.cache_size // len(paths))) for p in paths]
+    else:
+        parts = [io.read(p, species=species, require=require) for p in paths]
+    origins = [(p, k) for p, part in zip(paths, parts) for k in range(len(part))]
+    structures = loader.concat(parts) if data.lazy else [st for part in parts for st in part]
+    return structures, (lambda k: f"{origins[k][0]}: frame {origins[k][1]}")
 
 
-def _split(s, weights: LossWeights):
-    """``(train, valid)``: the validation files, or a seeded share of the training frames."""
+def _checked(data, structures, where, log):
+    """The frames :func:`equijax.loader.checks.check` lets through, and what it found."""
+    limits = checks.Limits(data.max_force, data.min_distance, data.energy_outlier_mads)
+    keep, problems = checks.check(structures, where, limits, data.bad_frames, log)
+    if len(keep) < len(structures):
+        structures = loader.subset(structures, keep)
+        where = (lambda k, old=where: old(keep[k]))
+    return structures, where, problems
+
+
+def _split(s, weights: LossWeights, log):
+    """``(train, valid, skipped)``: the validation files, or a seeded share of the training frames, after
+    the frames' checks (``skipped``: what ``data.bad_frames=skip`` left out, as ``(file: frame, reason)``)."""
     data = s.data
-    structures = _read(data, weights, data.train, data.species)
+    structures, where, problems = _checked(data, *_read(data, weights, data.train, data.species), log)
     for key, wanted in (("hessian", weights.hessian > 0), ("dipole_derivative", weights.dipole_derivative > 0)):
         if wanted and not any(key in st.labels for st in structures):  # force data may be mixed in
             raise ValueError(f"train.weights.{key} > 0 but no training frame has a {key} label "
@@ -157,12 +186,16 @@ def _split(s, weights: LossWeights):
     n_valid = 0 if data.valid else max(1, int(round(data.valid_fraction * len(structures))))
     if data.max_train:
         order = np.concatenate([order[:n_valid], order[n_valid : n_valid + int(data.max_train)]])
-    valid = _read(data, weights, data.valid, data.species) if data.valid else loader.subset(structures,
-                                                                                           order[:n_valid])
+    if data.valid:
+        valid, _, more = _checked(data, *_read(data, weights, data.valid, data.species), log)
+        problems = problems + more
+    else:
+        valid = loader.subset(structures, order[:n_valid])
     train = loader.subset(structures, order[n_valid:])
     if not len(train):
         raise ValueError(f"no training frames left after holding out {n_valid} for validation")
-    return train, valid
+    skipped = [(p.where, p.reason) for p in problems] if data.bad_frames == "skip" else []
+    return train, valid, skipped
 
 
 def _build(model_cfg):
@@ -174,11 +207,9 @@ def _build(model_cfg):
 def _model_config(s, train, valid, resumed, output: Path, log):
     """``(model config, starting parameters or None)``: a resumed checkpoint's, a fine-tuned model's
     (``train.init``), or a new one with the data's energy shifts, scales and neighbour count."""
-    from equijax.models import NequIPConfig
-
     n_members, backend = s.train.ensemble, s.model.backend
     if resumed is not None:
-        model_cfg = NequIPConfig.from_dict(resumed["config"])
+        model_cfg = checkpoint.model_config(output / CHECKPOINT_NAME, resumed["config"])
         if model_cfg.members != n_members:
             raise config_lib.ConfigError(
                 f"{output / CHECKPOINT_NAME} holds an ensemble of {model_cfg.members} member(s), the config asks "
@@ -250,11 +281,16 @@ def _initial_state(run: Run, resumed, start_params, plateaus) -> TrainState:
     """The resumed state (plateau counters restored in place), the fine-tuned model's, or a fresh one."""
     t = run.sections.train
     if resumed is not None:
+        path = run.output / CHECKPOINT_NAME
+        model = _build(run.model.config.replace(members=t.ensemble))  # stacked for a committee
+        for key, what in (("params", "parameter"), ("ema_params", "EMA parameter")):
+            checkpoint.check_params(path, model, resumed[key], what)
         saved = resumed["plateau"] if run.committee else [resumed["plateau"]]
         for p, d in zip(plateaus, saved):
             p.load_state_dict(d)
         return jax.tree_util.tree_map(jnp.asarray, TrainState(resumed["params"], resumed["ema_params"],
-                                                              _restore_opt_state(run.opt, resumed), resumed["step"]))
+                                                              _restore_opt_state(run.opt, resumed, path, run.committee),
+                                                              resumed["step"]))
     if start_params is not None:
         return init_state(start_params, run.opt)
     if run.committee:
@@ -263,11 +299,22 @@ def _initial_state(run: Run, resumed, start_params, plateaus) -> TrainState:
     return init_state(initial_params(run.model, jax.random.PRNGKey(t.seed)), run.opt)
 
 
-def _restore_opt_state(opt, payload):
-    """Rebuild the optimiser state pytree from the saved leaves."""
-    template = opt.init(jax.tree_util.tree_map(jnp.asarray, payload["params"]))
-    treedef = jax.tree_util.tree_structure(template)
-    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in payload["opt_state"]])
+def _restore_opt_state(opt, payload, path, committee: bool = False):
+    """Rebuild the optimiser state pytree from the saved leaves (checked against the optimiser's own;
+    a committee's states are stacked, one per member)."""
+    init = jax.vmap(opt.init) if committee else opt.init
+    template = jax.eval_shape(init, jax.tree_util.tree_map(jnp.asarray, payload["params"]))
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    saved = payload["opt_state"]
+    if not isinstance(saved, (list, tuple)) or len(saved) != len(leaves):
+        raise checkpoint.CheckpointError(f"{path}: its optimiser state does not fit this optimiser "
+                                         f"({len(saved) if isinstance(saved, (list, tuple)) else '?'} arrays for "
+                                         f"{len(leaves)}): restart with --restart")
+    for k, (x, want) in enumerate(zip(saved, leaves)):
+        if np.shape(x) != want.shape:
+            raise checkpoint.CheckpointError(f"{path}: optimiser state array {k} has shape {np.shape(x)}, "
+                                             f"the optimiser needs {want.shape}: restart with --restart")
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in saved])
 
 
 def _check_ensemble_fits(model, n_members: int) -> None:
