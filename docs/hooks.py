@@ -2,8 +2,10 @@
 
 * ``<!-- generated: config -->`` becomes the run-config schema (:mod:`equijax.config`);
 * ``<!-- generated: cli -->`` becomes every command's ``--help`` (:func:`equijax.cli.parser`);
-* the notebooks of ``notebooks/`` become ``tutorials/*.ipynb`` (rendered by mkdocs-jupyter, with the
-  outputs stored in them), and the figures of ``experiments/results/`` become ``assets/results/``.
+* the figures of ``experiments/results/`` become ``assets/results/``.
+
+(The tutorials, ``docs/tutorials/*.ipynb``, are links to the notebooks of ``notebooks/``, which
+mkdocs-jupyter renders with the outputs stored in them.)
 
 So the reference cannot drift from the code: it is the code, read at build time.
 """
@@ -19,8 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def on_files(files, config):
-    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        files.append(_file(notebook, "tutorials/" + notebook.name, config))
     for figure in sorted((ROOT / "experiments" / "results").rglob("*.png")):
         rel = figure.relative_to(ROOT / "experiments" / "results").as_posix()
         files.append(_file(figure, "assets/results/" + rel, config))

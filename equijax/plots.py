@@ -2,18 +2,23 @@
 
 Each function takes plain arrays or dicts and a path; none computes
 physics. Imported on demand by the run code (the training report, the CLI,
-the MD writer), so importing the library never loads matplotlib.
+the MD writer), so importing the library never loads matplotlib. Figures
+are drawn on ``matplotlib.figure.Figure`` objects, never through pyplot:
+no window opens and the caller's backend (a notebook's inline one) is left
+as it is.
 """
 
 from __future__ import annotations
 
 import json
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _figure(rows: int = 1, cols: int = 1, figsize=(6, 4), **kwargs):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, **kwargs)
 
 
 def learning_curve(metrics_path, png_path):
@@ -21,7 +26,7 @@ def learning_curve(metrics_path, png_path):
     rows = [json.loads(l) for l in open(metrics_path)] if metrics_path.exists() else []
     if not rows:
         return
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, ax = _figure(1, 2, figsize=(9, 3.5))
     steps = [r["step"] for r in rows]
     ax[0].plot(steps, [r["valid_energy_mae"] for r in rows], "o-")
     ax[0].set(xlabel="step", ylabel="energy MAE (meV/atom)", yscale="log", title="validation, EMA params")
@@ -29,12 +34,11 @@ def learning_curve(metrics_path, png_path):
     ax[1].set(xlabel="step", ylabel="force MAE (meV/Å)", yscale="log")
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
-    plt.close(fig)
 
 
 def parity(e_ref, e_pred, f_ref, f_pred, path, title):
     """Predicted against reference energies (eV/atom) and force components (eV/Å), side by side."""
-    fig, ax = plt.subplots(1, 2, figsize=(9, 4))
+    fig, ax = _figure(1, 2, figsize=(9, 4))
     for a, (x, y, label) in zip(ax, ((e_ref, e_pred, "energy (eV/atom)"), (f_ref, f_pred, "force component (eV/Å)"))):
         a.plot(x, y, ".", ms=2, alpha=0.5)
         lo, hi = np.min([x.min(), y.min()]), np.max([x.max(), y.max()])
@@ -42,7 +46,6 @@ def parity(e_ref, e_pred, f_ref, f_pred, path, title):
         a.set(xlabel=f"reference {label}", ylabel=f"predicted {label}", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def spectrum(freqs, path, title, intensities=None, width=10.0):
@@ -53,14 +56,13 @@ def spectrum(freqs, path, title, intensities=None, width=10.0):
     keep = freqs > 0
     real, weights = freqs[keep], weights[keep]
     y = sum(w * np.exp(-0.5 * ((x - f) / width) ** 2) for f, w in zip(real, weights)) if len(real) else 0 * x
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = _figure(figsize=(7, 3))
     ax.plot(x, y, lw=1)
     ax.vlines(real, 0, weights, color="C1", lw=0.6)
     label = "IR intensity (km/mol)" if intensities is not None else "modes (unit intensities)"
     ax.set(xlabel="wavenumber (cm⁻¹)", ylabel=label, title=f"{title}: harmonic spectrum, {width:g} cm⁻¹ Gaussians")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def calibration(calibrations: dict, path, title: str = "calibration") -> None:
@@ -68,7 +70,7 @@ def calibration(calibrations: dict, path, title: str = "calibration") -> None:
 
     ``calibrations``: ``{label: calibration dict}`` (:func:`equijax.calibration.calibration`).
     """
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig, ax = _figure(figsize=(5.5, 4.5))
     lo, hi = np.inf, 0.0
     for label, cal in calibrations.items():
         x = [1000 * b["spread"] for b in cal["bins"]]
@@ -81,7 +83,6 @@ def calibration(calibrations: dict, path, title: str = "calibration") -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 def md_log(rows, path, title=""):
@@ -91,7 +92,7 @@ def md_log(rows, path, title=""):
     """
     data = np.asarray(rows, float)
     periodic = np.isfinite(data[:, 8]).any()
-    fig, axes = plt.subplots(3 if periodic else 2, 1, figsize=(7, 7 if periodic else 5), sharex=True)
+    fig, axes = _figure(3 if periodic else 2, 1, figsize=(7, 7 if periodic else 5), sharex=True)
     for k in np.unique(data[:, 0]).astype(int)[:8]:
         d = data[data[:, 0] == k]
         t = d[:, 2] / 1000.0
@@ -109,15 +110,13 @@ def md_log(rows, path, title=""):
     axes[0].set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def band_structure(bs, path, title: str = "") -> None:
     """A phonon band structure (``ase.spectrum.band_structure.BandStructure``, energies in meV)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _figure(figsize=(7, 4))
     bs.plot(ax=ax, emin=min(0.0, float(bs.energies.min()) * 1.1), emax=float(bs.energies.max()) * 1.1,
             ylabel="phonon energy (meV)")
     if title:
         ax.set_title(title)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
