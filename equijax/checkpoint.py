@@ -52,7 +52,7 @@ class CheckpointError(ValueError):
     """A file that is not a readable equijax checkpoint or model file."""
 
 
-_STATE = ("params", "ema_params", "opt_state", "config", "plateau")  # what is not metadata
+_STATE = ("params", "ema_params", "best_params", "opt_state", "config", "plateau")  # what is not metadata
 
 
 def _inference_params(content: dict):

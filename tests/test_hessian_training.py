@@ -42,10 +42,9 @@ def tiny():
     return model, params
 
 
-def _batch(structures, model, **kw):
-    ds = data.Dataset(structures, model.config.cutoff, len(structures), model.config.species, dtype=np.float64)
-    for key, value in kw.items():
-        setattr(ds, key, value)
+def _batch(structures, model, **sizes):
+    ds = data.Dataset(structures, model.config.cutoff, len(structures), model.config.species, dtype=np.float64,
+                      **sizes)
     return next(ds.batches())
 
 
