@@ -203,6 +203,10 @@ def test_a_blow_up_stops_with_a_clear_error_and_keeps_the_good_frames(trained, t
     assert len(frames) == stopped_at // 5 - 1 and frames[-1].info["step"] == stopped_at - 5
     assert all(np.isfinite(f.positions).all() for f in frames)
     assert "stopped" in (tmp_path / "summary.json").read_text()
+    assert len(md.read_trajectory(tmp_path / "trajectory.extxyz")) == len(frames)  # the good frames are committed
+    with pytest.raises(ValueError, match="no physical state to resume"):
+        md.simulate(model, params, ethanol(), ensemble="nve", temperature=3000, timestep=2.0, steps=400,
+                    interval=5, progress=False, output=tmp_path, resume=True)
 
 
 def test_npt_changes_the_volume_with_the_pressure(trained):

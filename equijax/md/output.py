@@ -93,7 +93,14 @@ class Writer:
 
     def commit(self, state: dict) -> None:
         """Record ``state`` (what a resume continues from) with every file's length, atomically."""
+        self._state = state
         checkpoint.save(self.folder / STATE_NAME, **state, lengths=list(self.lengths), notes=list(self.notes))
+
+    def _stop(self, reason: str) -> None:
+        """Commit the good frames of the chunk that stopped the run, and mark it not resumable."""
+        state = getattr(self, "_state", None) or {"done": 0, "replicas": len(self.atoms)}
+        checkpoint.save(self.folder / STATE_NAME, **state, lengths=list(self.lengths), notes=list(self.notes),
+                        stopped=reason)
 
     def close(self, result=None, stopped: str | None = None):
         """``summary.json`` and the plot of the whole log."""
@@ -106,6 +113,7 @@ class Writer:
                            wall_seconds=result.seconds)
         if stopped is not None:
             summary["stopped"] = stopped
+            self._stop(stopped)
         (self.folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         lines = self.paths[-1].read_text().splitlines()[1:]
         if lines:

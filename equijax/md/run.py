@@ -236,6 +236,9 @@ def _resumed(output, arguments: dict, steps: int) -> dict:
     if output is None:
         raise ValueError("resume needs the output folder of the run to continue")
     saved = read_state(output)
+    if saved.get("stopped"):
+        raise ValueError(f"{Path(output)} stopped ({saved['stopped']}): there is no physical state to resume from; "
+                         "start a new run (another folder, or without --resume)")
     changed = [f"{k}: {saved['arguments'].get(k)!r} -> {v!r}" for k, v in arguments.items()
                if saved["arguments"].get(k) != v]
     if changed:
