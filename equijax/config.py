@@ -91,6 +91,26 @@ SCHEMA: dict = {
         "message_normalization": Key(("sqrt", "mean"), "sqrt", "divide the neighbour sum of messages by sqrt(N) "
                                                               "(NequIP) or by N (equijax 0.1)"),
         "dtype": Key(("float32", "float64"), "float32", "floating-point precision"),
+        # options that published NequIP-family models need (SevenNet, nequip); each works in any model
+        "se3": Key(bool, False, "no parity at all (SevenNet's is_parity: false): every irrep even, so a mirror "
+                                "image may get another energy; overrides parity"),
+        "irreps": Key("strs", None, "hidden irreps of each layer, e.g. [128x0e+64x1e+32x2e, ..., 128x0e] "
+                                    "(default: channels of every irrep up to l_max in every layer)", optional=True),
+        "self_connection": Key(("species", "linear"), "species",
+                               "self-connection: a linear map per species (NequIP) or one linear map (SevenNet)"),
+        "resnet": Key(bool, True, "add each layer's input to its output where their irreps agree"),
+        "gate": Key(("sigmoid", "silu"), "sigmoid", "activation of the even gates (SevenNet: silu)"),
+        "activation_normalization": Key(("e3nn-jax", "e3nn-torch"), "e3nn-jax",
+                                        "constants that scale activations to unit second moment: e3nn-jax's "
+                                        "quadrature, or e3nn (PyTorch)'s Monte-Carlo ones (models imported "
+                                        "from PyTorch)"),
+        "cutoff_function": Key(("polynomial", "xplor"), "polynomial",
+                               "radial envelope: NequIP's polynomial, or XPLOR's switch from cutoff_on to cutoff"),
+        "cutoff_on": Key(float, None, "where the XPLOR switch starts", "Å", optional=True),
+        "radial_frequencies": Key(("fixed", "trained"), "fixed", "Bessel frequencies n·π/cutoff, or trained "
+                                                                  "from there"),
+        "readout": Key(("mlp", "linear"), "mlp", "atomic energies from the last features by linear, SiLU, "
+                                                 "linear (mlp) or by two linear maps (SevenNet)"),
         "backend": Key(("auto", "jax", "cuequivariance"), "auto",
                        "message passing: cuequivariance (fused CUDA kernels; pip install 'equijax[cuda13]' or [cuda12]), "
                        "jax (pure JAX), auto (cuequivariance on a GPU where installed, else jax); "
@@ -165,7 +185,8 @@ def default(name: str):
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-               "ints": "a list of integers", "floats": "a list of numbers", "paths": "a path or a list of paths",
+               "ints": "a list of integers", "strs": "a list of strings", "floats": "a list of numbers",
+               "paths": "a path or a list of paths",
                "mapping": "a JSON file or a mapping {element: number}"}
 
 
@@ -188,6 +209,7 @@ def _check_value(name: str, key: Key, value):
         str: lambda v: isinstance(v, str),
         "ints": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
         "floats": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) for x in v),
+        "strs": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
         "paths": lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
         "mapping": lambda v: isinstance(v, str) or (isinstance(v, dict) and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())),

@@ -36,15 +36,15 @@ def transform(structure, rotation: np.ndarray, translation=np.zeros(3)) -> graph
 
 
 def equivariance_errors(energy_fn, params, structure, cutoff, key=jax.random.PRNGKey(0),
-                        hessian: bool = True, dtype=np.float64) -> dict:
-    """Largest deviations under a random rotation with inversion plus a translation.
+                        hessian: bool = True, dtype=np.float64, reflect: bool = True) -> dict:
+    """Largest deviations under a random rotation with inversion (without, if not ``reflect``) plus a translation.
 
     Returns:
         ``{"energy", "forces", "stress", "hessian"}`` absolute errors of
         ``E(Rx) - E(x)``, ``F(Rx) - R F(x)``, ``σ(Rx) - R σ Rᵀ`` (periodic
         only) and ``H(Rx) - R H Rᵀ`` (per atom pair).
     """
-    rot = random_orthogonal(key)
+    rot = random_orthogonal(key, reflect)
     shift = np.array([0.3, -1.1, 2.7])
     s0 = graph_lib._as_structure(structure)
     s1 = transform(s0, rot, shift if not np.any(s0.pbc) else np.zeros(3))

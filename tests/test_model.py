@@ -81,7 +81,9 @@ def shallow(small_config):
     return cfg, model, model.init(jax.random.PRNGKey(1))
 
 
+@pytest.mark.usefixtures("nan_checks")
 def test_padding_and_batching_change_nothing(shallow):
+    """Also: no NaN or inf anywhere in energies, forces or Hessians, padding included (checked by JAX)."""
     small_config, model, params = shallow
     a, b = methanol(0), copper(1)
     ef = jax.jit(physics.energy_and_forces(model.energy))

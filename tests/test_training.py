@@ -34,7 +34,9 @@ def tiny_config(tmp_path, **train):
     return cfg
 
 
+@pytest.mark.usefixtures("nan_checks")
 def test_a_few_steps_reduce_the_loss():
+    """Also: no NaN or inf in a padded batch's loss, gradients or update (checked by JAX)."""
     structures = io.read(DATA / "ethanol_train.xyz", index=":8")
     stats = data.statistics(structures, 4.0)
     cfg = equijax.NequIPConfig(species=stats.species, cutoff=4.0, l_max=1, channels=8, n_layers=2,

@@ -6,6 +6,8 @@
     equijax vibrate MODEL STRUCTURE               frequencies, modes, IR, thermochemistry
     equijax phonons MODEL CRYSTAL                 phonons at Γ and along a band path
     equijax md MODEL STRUCTURE                    molecular dynamics, jitted on the device
+    equijax import SOURCE OUT.npz                 a pretrained SevenNet model as an equijax model file
+    equijax models                                the pretrained models that can be imported here
     equijax export CHECKPOINT MODEL               the small model file of a training checkpoint
     equijax convert OLD.pkl NEW.npz --trust-pickle   one-off conversion of an equijax 0.1 pickle
 
@@ -20,7 +22,7 @@ import argparse
 import os
 import sys
 
-from equijax.cli import analysis, evaluate, md, train
+from equijax.cli import analysis, evaluate, imports, md, train
 
 EPILOG = """examples:
   equijax train                                   # default: ethanol + aspirin (GFN2-xTB), a few CPU minutes
@@ -53,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for register in (train.register, evaluate.register, analysis.register, md.register, train.register_files):
+    for register in (train.register, evaluate.register, analysis.register, md.register, imports.register,
+                     train.register_files):
         register(sub, EPILOG)
     return p
 

@@ -48,6 +48,11 @@ class NequIPConfig:
             the members' mean (:mod:`equijax.ensemble`).
         energy_shift, energy_scale: per-species atomic energy shift (eV) and
             scale (eV), ``E_i = scale[Z_i] * e_i + shift[Z_i]``; default 0 and 1.
+        se3, irreps, self_connection, resnet, gate, activation_normalization,
+        cutoff_function, cutoff_on, radial_frequencies, readout: the options
+        that published NequIP-family models need (SevenNet's), each usable in
+        any model; see the schema (``equijax config``). ``avg_num_neighbours``
+        may also be one number per layer.
         backend: how message passing runs (:mod:`equijax.kernels`):
             ``"auto"`` (cuEquivariance's fused kernels on a GPU where they are
             installed, pure JAX elsewhere), ``"jax"`` or ``"cuequivariance"``.
@@ -71,6 +76,16 @@ class NequIPConfig:
     energy_shift: Optional[tuple] = None
     energy_scale: Optional[tuple] = None
     members: int = 1
+    se3: bool = default("model.se3")
+    irreps: Optional[tuple] = None
+    self_connection: str = default("model.self_connection")
+    resnet: bool = default("model.resnet")
+    gate: str = default("model.gate")
+    activation_normalization: str = default("model.activation_normalization")
+    cutoff_function: str = default("model.cutoff_function")
+    cutoff_on: Optional[float] = None
+    radial_frequencies: str = default("model.radial_frequencies")
+    readout: str = default("model.readout")
     backend: str = default("model.backend")
 
     def __post_init__(self):
@@ -93,18 +108,31 @@ class NequIPConfig:
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}")
-        for key in ("species", "radial_hidden", "energy_shift", "energy_scale"):
+        for key in ("species", "radial_hidden", "energy_shift", "energy_scale", "irreps", "avg_num_neighbours"):
             if isinstance(d.get(key), (list, tuple)):
                 d[key] = tuple(d[key])
         return cls(**d)
 
     @property
     def hidden_irreps(self) -> e3nn.Irreps:
+        """The hidden irreps of every layer where ``irreps`` is not given."""
         irreps = []
         for l in range(self.l_max + 1):
-            parities = (1, -1) if self.parity else ((-1) ** l,)
+            parities = (1,) if self.se3 else (1, -1) if self.parity else ((-1) ** l,)
             irreps += [(self.channels, (l, p)) for p in parities]
         return e3nn.Irreps(irreps)
+
+    def layer_irreps(self) -> list:
+        """Hidden irreps of each layer, (n_layers,)."""
+        if self.irreps is None:
+            return [self.hidden_irreps] * self.n_layers
+        return [e3nn.Irreps(x) for x in self.irreps]
+
+    def divisors(self) -> list:
+        """What each layer divides its neighbour sum by: sqrt(N) or N, N per layer or shared."""
+        n = self.avg_num_neighbours
+        per_layer = list(n) if isinstance(n, tuple) else [n] * self.n_layers
+        return [x ** (0.5 if self.message_normalization == "sqrt" else 1.0) for x in per_layer]
 
 
 def _check(cfg: NequIPConfig) -> None:
@@ -116,7 +144,7 @@ def _check(cfg: NequIPConfig) -> None:
 
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
-        if field.name in SCHEMA["model"]:
+        if field.name in SCHEMA["model"] and not (field.name == "avg_num_neighbours" and isinstance(value, tuple)):
             _check_value(f"model.{field.name}", SCHEMA["model"][field.name],
                          list(value) if isinstance(value, tuple) else value)
     for name in ("l_max", "channels", "n_layers", "n_radial", "readout_hidden", "members", "envelope_p"):
@@ -125,10 +153,25 @@ def _check(cfg: NequIPConfig) -> None:
                              f"got {getattr(cfg, name)!r}")
     if not cfg.species or not all(integer(z, 1) and z <= 118 for z in cfg.species):
         raise ValueError(f"species must be atomic numbers (1-118), got {cfg.species!r}")
-    for name in ("cutoff", "avg_num_neighbours"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0:
-            raise ValueError(f"model.{name} must be a positive number, got {v!r}")
+    def positive(v):
+        return not isinstance(v, bool) and isinstance(v, numbers.Real) and v > 0
+
+    if not positive(cfg.cutoff):
+        raise ValueError(f"model.cutoff must be a positive number, got {cfg.cutoff!r}")
+    n = cfg.avg_num_neighbours
+    if not (positive(n) or isinstance(n, tuple) and len(n) == cfg.n_layers and all(map(positive, n))):
+        raise ValueError(f"model.avg_num_neighbours must be a positive number or one per layer "
+                         f"({cfg.n_layers}), got {n!r}")
+    if cfg.irreps is not None:
+        if not isinstance(cfg.irreps, tuple) or len(cfg.irreps) != cfg.n_layers:
+            raise ValueError(f"model.irreps must give one irreps per layer ({cfg.n_layers}), got {cfg.irreps!r}")
+        for x in cfg.irreps:
+            try:
+                e3nn.Irreps(x)
+            except Exception:
+                raise ValueError(f"model.irreps: {x!r} is not an irreps string such as '16x0e+16x1o'") from None
+    if cfg.cutoff_function == "xplor" and not (positive(cfg.cutoff_on) and cfg.cutoff_on < cfg.cutoff):
+        raise ValueError(f"model.cutoff_function=xplor needs 0 < model.cutoff_on < model.cutoff, got {cfg.cutoff_on!r}")
     for name in ("energy_shift", "energy_scale"):
         v = getattr(cfg, name)
         if v is not None and (len(v) != len(cfg.species) or not all(
@@ -160,24 +203,25 @@ def nequip(config: NequIPConfig, interaction=None) -> Potential:
     plan_fn, block_init, block_apply = interaction or (layers.conv_plan, layers.conv_init, layers.conv)
     if config.message_normalization not in ("sqrt", "mean"):
         raise ValueError(f"message_normalization must be 'sqrt' or 'mean', got {config.message_normalization!r}")
-    # what the neighbour sum is divided by (the blocks' ``avg_num_neighbours`` argument)
-    divisor = config.avg_num_neighbours ** (0.5 if config.message_normalization == "sqrt" else 1.0)
+    divisors = config.divisors()  # what each layer divides the neighbour sum by (the blocks' argument)
     dtype = jnp.dtype(config.dtype)
     n_species = len(config.species)
-    irreps_sh = e3nn.Irreps.spherical_harmonics(config.l_max)  # 0e + 1o + 2e + ...
-
-    backend = kernels.resolve(config.backend)
+    irreps_sh = layers.sh_irreps(config.l_max, config.se3)  # 0e + 1o + 2e + ..., or all even
+    options = dict(backend=kernels.resolve(config.backend), self_connection=config.self_connection,
+                   resnet=config.resnet, gate=config.gate, normalization=config.activation_normalization)
     plans = []
     irreps = e3nn.Irreps(f"{config.channels}x0e")
-    for _ in range(config.n_layers):
-        plan = plan_fn(irreps, config.hidden_irreps, irreps_sh, config.channels, n_species,
+    for hidden in config.layer_irreps():
+        plan = plan_fn(irreps, hidden, irreps_sh, config.channels, n_species,
                        config.n_radial, config.radial_hidden)
         if isinstance(plan, layers.ConvPlan):
-            plan = plan._replace(backend=backend)
+            plan = layers.configure(plan, **options)
         plans.append(plan)
         irreps = plan.irreps_out
     final_irreps = irreps
     readout_irreps = e3nn.Irreps(f"{config.readout_hidden}x0e")
+    trained_frequencies = config.radial_frequencies == "trained"
+    act = layers.named_activation("silu", config.activation_normalization)
 
     shift = np.zeros(n_species) if config.energy_shift is None else np.asarray(config.energy_shift)
     scale = np.ones(n_species) if config.energy_scale is None else np.asarray(config.energy_scale)
@@ -185,7 +229,7 @@ def nequip(config: NequIPConfig, interaction=None) -> Potential:
     @jax.jit
     def init(key):
         keys = jax.random.split(key, config.n_layers + 3)
-        return {
+        params = {
             "embedding": jax.random.normal(keys[0], (n_species, config.channels), dtype),
             "layers": [block_init(k, p, dtype) for k, p in zip(keys[1:], plans)],
             "readout": {
@@ -199,6 +243,9 @@ def nequip(config: NequIPConfig, interaction=None) -> Potential:
                 "out": layers.linear_init(jax.random.fold_in(keys[-1], 1), readout_irreps, "0e", dtype),
             },
         }
+        if trained_frequencies:
+            params["radial_frequencies"] = jnp.arange(1, config.n_radial + 1, dtype=dtype) * np.pi / config.cutoff
+        return params
 
     def features(params, graph: jraph.GraphsTuple):
         """Final node features (n_node, irreps) and species indices (n_node,)."""
@@ -208,20 +255,22 @@ def nequip(config: NequIPConfig, interaction=None) -> Potential:
         edges = layers.embed_edges(
             vectors, graph.edges["mask"], graph.senders, graph.receivers, n_node,
             l_max=config.l_max, n_radial=config.n_radial, cutoff=config.cutoff,
-            envelope_p=config.envelope_p,
+            envelope_p=config.envelope_p, envelope=config.cutoff_function, cutoff_on=config.cutoff_on,
+            frequencies=params["radial_frequencies"] if trained_frequencies else None, se3=config.se3,
         )
         check_species(config.species, graph)
         species = species_index(config.species, graph.nodes["atomic_numbers"])
         # padding nodes (Z = 0) take species 0; unknown real atoms are made NaN in atomic_energies
         species = jnp.where(graph.nodes["mask"], species, jnp.maximum(species, 0))
         h = e3nn.IrrepsArray(f"{config.channels}x0e", params["embedding"][jnp.maximum(species, 0)])
-        for p, plan in zip(params["layers"], plans):
+        for p, plan, divisor in zip(params["layers"], plans, divisors):
             h = block_apply(p, plan, h, species, edges, divisor)
         return h, species
 
     def readout(p, h):
         x = layers.linear(p["hidden"], h, readout_irreps)
-        x = e3nn.scalar_activation(x, [jax.nn.silu])
+        if config.readout == "mlp":
+            x = e3nn.scalar_activation(x, [act], normalize_act=False)
         return layers.linear(p["out"], x, "0e").array[:, 0]
 
     def atomic_energies(params, graph: jraph.GraphsTuple) -> jax.Array:
