@@ -127,7 +127,14 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {"sevenn": sevenn.__version__, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "script": "experiments/sevennet_reference.py"}
-    frames = {name: structures() for name in MODELS}
+    try:  # the CPU model, as in every results file
+        meta["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    # the structures as the extended XYZ file holds them (positions to 1e-8 Å), so that the references are
+    # those of the positions a reader of the file gets
+    ase.io.write(OUT / "sevennet_structures.extxyz", structures(), format="extxyz")
+    frames = {name: ase.io.read(OUT / "sevennet_structures.extxyz", ":") for name in MODELS}
     for name in MODELS:  # float32 first: the float64 set-up patches sevenn for the rest of the process
         own = SevenNetCalculator(model=name, device="cpu")
         for atoms in frames[name]:
@@ -142,6 +149,7 @@ def main():
         path = OUT / f"sevennet_{name}.extxyz"
         ase.io.write(path, frames[name], format="extxyz")
         print(f"wrote {path}")
+    (OUT / "sevennet_structures.extxyz").unlink()
     (OUT / "sevennet_reference.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 

@@ -67,15 +67,17 @@ def test_crafted_model_files_are_refused_and_run_no_code(tmp_path):
         assert not marker.exists(), f"loading {path.name} ran code"
 
 
-def test_cli_refuses_crafted_files_with_one_line(tmp_path):
+def test_cli_refuses_crafted_files_with_one_line(tmp_path, capsys):
+    # the console script's own function, in this process (a real process's one line: tests/test_config.py)
     marker = tmp_path / "marker"
     data = equijax.config.PACKAGE / "data" / "ethanol_test.xyz"
     for path in crafted_files(tmp_path, marker):
-        proc = subprocess.run([sys.executable, "-m", "equijax.cli", "evaluate", str(path), str(data)],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("equijax: error:"), proc.stderr
-        assert "Traceback" not in proc.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["evaluate", str(path), str(data)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, err
+        assert err.count("\n") == 1 and err.startswith("equijax: error:"), err
+        assert "Traceback" not in err
         assert not marker.exists()
 
 

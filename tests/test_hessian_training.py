@@ -97,21 +97,28 @@ def test_normal_mode_samples_have_the_harmonic_thermal_energy(frames):
     assert np.mean(energy) == pytest.approx(0.5 * (27 - n_rigid) * units.kB * 300.0, rel=0.05)
 
 
-@pytest.mark.parametrize("metric", training.HESSIAN_METRICS)
-def test_loss_is_zero_on_the_models_own_hessians_and_blind_to_padding(frames, tiny, metric):
+@pytest.fixture(scope="module")
+def own(frames, tiny):
+    """The frames labelled with the model's own Hessians and dipole derivatives, from one batch of all three
+    (its Hessian is block diagonal)."""
     model, params = tiny
-    term = "hessian" if metric == "cartesian" else "frequency"
-    # the model's own labels, from one batch of all three: its Hessian is block diagonal
     g = graph_lib.build_graph(frames, model.config.cutoff, dtype=np.float64)
     h = np.asarray(jax.jit(physics.hessian(model.energy))(params, g))
     mu = lambda x: model.dipole(params, physics.with_positions(g, x))
     dmu = np.asarray(jax.jit(jax.jacrev(mu))(g.nodes["positions"]))  # (n_graph, 3 μ, n_node, 3 xyz)
-    own, start = [], 0
+    out, start = [], 0
     for k, s in enumerate(frames):
         atoms = slice(start, start + len(s.positions))
-        own.append(s._replace(labels={**s.labels, "hessian": h[atoms, :, atoms],
+        out.append(s._replace(labels={**s.labels, "hessian": h[atoms, :, atoms],
                                       "dipole_derivative": dmu[k, :, atoms].transpose(1, 2, 0)}))
         start = atoms.stop
+    return out
+
+
+@pytest.mark.parametrize("metric", training.HESSIAN_METRICS)
+def test_loss_is_zero_on_the_models_own_hessians_and_blind_to_padding(frames, tiny, own, metric):
+    model, params = tiny
+    term = "hessian" if metric == "cartesian" else "frequency"
     loss = jax.jit(training.loss_fn(model.energy, WEIGHTS, model.dipole, hessian_directions_k=3,
                                     hessian_metric=metric))
     key = jax.random.PRNGKey(7)
@@ -216,17 +223,18 @@ def test_finetune_starts_from_the_given_model(tmp_path, capsys):
     cli.main(["train", "data.train=[data/ethanol_train.xyz]", "data.test=null", "data.max_train=8",
               "model.channels=4", "model.n_layers=1", "model.radial_hidden=[8]", "train.max_steps=2",
               "train.eval_every=2", "train.batch_size=4", "--output", str(first), "--no-progress"])
+    first = first / "model.npz"
     finetuned = tmp_path / "finetuned"
     # learning rate 0: the fine-tuned model must be the initial one, whatever the config's model section says
     cli.main(["train", str(config_lib.PACKAGE / "configs" / "hessian_finetune.yaml"), "--init",
-              str(first / "model.npz"), "data.train=[data/ethanol_hessian_test.xyz.gz]",
+              str(first), "data.train=[data/ethanol_hessian_test.xyz.gz]",
               "data.test=[data/ethanol_hessian_test.xyz.gz]", "data.max_train=6", "model.channels=8",
               "train.max_steps=2", "train.eval_every=2", "train.batch_size=4", "train.learning_rate=0.0",
               "--output", str(finetuned),
               "--no-progress"])
     text = capsys.readouterr().out
     assert "H·v" in text and "dμ/dx·v" in text
-    before, after = checkpoint.load_model(first / "model.npz"), checkpoint.load_model(finetuned / "model.npz")
+    before, after = checkpoint.load_model(first), checkpoint.load_model(finetuned / "model.npz")
     assert after[0].config == before[0].config
     for a, b in zip(jax.tree_util.tree_leaves(after[1]), jax.tree_util.tree_leaves(before[1])):
         np.testing.assert_allclose(a, b, rtol=1e-6)  # float32 EMA of a constant: rounding only
@@ -234,7 +242,7 @@ def test_finetune_starts_from_the_given_model(tmp_path, capsys):
     # 6 frames cannot fill a batch of 8: a clear error, not a loop that waits forever
     with pytest.raises(SystemExit):
         cli.main(["train", str(config_lib.PACKAGE / "configs" / "hessian_finetune.yaml"), "--init",
-                  str(first / "model.npz"), "data.train=[data/ethanol_hessian_test.xyz.gz]", "data.max_train=6",
+                  str(first), "data.train=[data/ethanol_hessian_test.xyz.gz]", "data.max_train=6",
                   "--output", str(tmp_path / "small"), "--no-progress"])
     assert "fewer than train.batch_size=8" in capsys.readouterr().err
     # the recipe measures the Hessian term in normal modes (cm⁻¹) and reports the minimum shift

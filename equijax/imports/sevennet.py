@@ -129,7 +129,7 @@ def convert(checkpoint: dict, dtype: str = "float64"):
 
     Returns:
         ``(NequIPConfig, params)``; the charge head, which SevenNet lacks, is
-        left at its initial values.
+        drawn at random as a new model's is (untrained).
     """
     import jax
 
@@ -164,8 +164,11 @@ def convert(checkpoint: dict, dtype: str = "float64"):
         readout="linear", readout_hidden=manual[-1].dim // 2, dtype=dtype,
         energy_shift=tuple(float(x) for x in shift), energy_scale=tuple(float(x) for x in scale),
     )
-    model = nequip(config)
-    params = jax.tree_util.tree_map(np.asarray, model.init(jax.random.PRNGKey(0)))  # the shapes; charge head
+    # the tree and shapes of the model's parameters, without compiling its init; the charge head, which
+    # SevenNet lacks, drawn N(0, 1) as init draws it
+    shapes = jax.eval_shape(nequip(config).init, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape), shapes)
 
     def weights(name):
         return np.asarray(sd[name], np.float64)

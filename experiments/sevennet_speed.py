@@ -1,0 +1,143 @@
+"""Side by side: SevenNet-0 in equijax against sevenn's own calculator, same model, same structures, this CPU.
+
+Both run float32 through their ASE calculators, as users meet them (neighbour list, graph, model, results),
+each in its own process (equijax in this interpreter, sevenn in --peer-python), torch with 2 threads.
+Workloads: energy + forces of rattled NaCl rocksalt cells of 64, 216 and 512 atoms (median of --repeats warm
+calls, positions moved slightly before each call so that nothing is cached), and the Hessian of the 64-atom
+cell: equijax's by autodiff, sevenn's by central differences of its forces (6N force calls, the way phonopy
+and ASE's Vibrations get one from it; sevenn has no Hessian). Prints each median and the ratio.
+
+    python experiments/sevennet_speed.py --peer-python /tmp/sevenn/bin/python
+    python experiments/sevennet_speed.py --peer-python ... --out experiments/results/sevennet_speed_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = (64, 216, 512)
+
+
+def cell(n_atoms: int):
+    from ase.build import bulk
+
+    reps = {64: (2, 2, 2), 216: (3, 3, 3), 512: (4, 4, 4)}[n_atoms]
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True) * reps
+    atoms.rattle(0.05, seed=n_atoms)
+    return atoms
+
+
+def _calculator(code: str):
+    if code == "equijax":
+        from equijax import imports
+        from equijax.calculator import EquijaxCalculator
+        from equijax.models import nequip
+
+        config, params, _ = imports.load("7net-0", "float32")
+        return EquijaxCalculator(model=nequip(config), params=params)
+    import torch
+    from sevenn.calculator import SevenNetCalculator
+
+    torch.set_num_threads(2)
+    return SevenNetCalculator(model="7net-0", device="cpu")
+
+
+def _fd_hessian(calc, atoms, delta=0.01):
+    import numpy as np
+
+    n = len(atoms)
+    h = np.zeros((3 * n, 3 * n))
+    for k in range(3 * n):
+        rows = []
+        for s in (1, -1):
+            a = atoms.copy()
+            a.positions[k // 3, k % 3] += s * delta
+            a.calc = calc
+            rows.append(a.get_forces().ravel())
+        h[k] = -(rows[0] - rows[1]) / (2 * delta)
+    return h
+
+
+def worker(code: str, repeats: int) -> dict:
+    import numpy as np
+
+    t0 = time.perf_counter()
+    calc = _calculator(code)
+    out = {"code": code, "load_s": time.perf_counter() - t0, "energy_forces_ms": {}}
+    rng = np.random.default_rng(0)
+    for n in SIZES:
+        atoms = cell(n)
+        atoms.calc = calc
+        t = time.perf_counter()
+        atoms.get_forces()
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(repeats):
+            atoms.positions += rng.normal(0.0, 1e-4, atoms.positions.shape)
+            t = time.perf_counter()
+            atoms.get_forces()
+            times.append(time.perf_counter() - t)
+        out["energy_forces_ms"][n] = {"first": 1e3 * first, "median": 1e3 * statistics.median(times)}
+    atoms = cell(64)
+    if code == "equijax":
+        calc.get_hessian(atoms)  # compile
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            calc.get_hessian(atoms)
+            times.append(time.perf_counter() - t)
+        out["hessian_ms"] = 1e3 * statistics.median(times)
+    else:
+        t = time.perf_counter()
+        _fd_hessian(calc, atoms)
+        out["hessian_ms"] = 1e3 * (time.perf_counter() - t)  # one 384-call finite-difference Hessian
+    return out
+
+
+def _cpu() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--peer-python", required=True, help="interpreter of an environment with torch and sevenn")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--worker", choices=("equijax", "sevenn"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.repeats)))
+        return
+    results = {}
+    for code, python in (("equijax", sys.executable), ("sevenn", args.peer_python)):
+        proc = subprocess.run([python, __file__, "--worker", code, "--repeats", str(args.repeats),
+                               "--peer-python", args.peer_python], capture_output=True, text=True, check=True)
+        results[code] = json.loads(proc.stdout.strip().splitlines()[-1])
+    e, s = results["equijax"], results["sevenn"]
+    print(f"CPU: {_cpu()}; float32; median of {args.repeats} warm calls (ms)")
+    print(f"{'workload':28s} {'equijax':>10s} {'sevenn':>10s} {'ratio':>7s}")
+    rows = []
+    for n in SIZES:
+        a, b = e["energy_forces_ms"][str(n)]["median"], s["energy_forces_ms"][str(n)]["median"]
+        rows.append({"workload": f"energy+forces, {n} atoms", "equijax_ms": a, "sevenn_ms": b, "ratio": b / a})
+    rows.append({"workload": "Hessian, 64 atoms", "equijax_ms": e["hessian_ms"], "sevenn_ms": s["hessian_ms"],
+                 "ratio": s["hessian_ms"] / e["hessian_ms"], "note": "sevenn: central differences, 384 force calls"})
+    for r in rows:
+        print(f"{r['workload']:28s} {r['equijax_ms']:10.1f} {r['sevenn_ms']:10.1f} {r['ratio']:6.2f}x")
+    if args.out:
+        args.out.write_text(json.dumps({"cpu": _cpu(), "repeats": args.repeats, "rows": rows, "raw": results},
+                                       indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
