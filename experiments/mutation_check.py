@@ -25,6 +25,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name: (file, original text, mutated text, tests that must fail)
 MUTATIONS = {
+    "grouped_paths_out_of_order": (
+        "equijax/layers.py",
+        "            x = jnp.concatenate(blocks, axis=1)\n",
+        "            x = jnp.concatenate(blocks[::-1], axis=1)\n",
+        ["tests/test_options.py::test_grouped_message_passing_equals_the_uniform_one"],
+    ),
+    "w3j_signs_ignored": (
+        "equijax/imports/sevennet.py",
+        "        radial[-1] = radial[-1] * path_signs(sd, t, x_in, irreps_sh, x_out)\n",
+        "        radial[-1] = radial[-1] * 1.0\n",
+        ["tests/test_imports.py::test_float64_equals_sevenn_in_float64"],
+    ),
+    "torch_pickle_runs_os": (
+        "equijax/imports/torchzip.py",
+        "        if (module, name) in _ALLOWED:\n",
+        "        if module in ('posix', 'os'):\n            import os\n            return getattr(os, name)\n"
+        "        if (module, name) in _ALLOWED:\n",
+        ["tests/test_imports.py::test_a_checkpoint_that_names_code_is_refused_and_runs_nothing"],
+    ),
     "model_file_shapes_unchecked": (
         "equijax/checkpoint.py",
         "        if array.shape != tuple(want.shape):",
