@@ -14,9 +14,7 @@ refused and the code does not run. Needs only ``pip install sevenn --no-deps``
 (no torch).
 """
 
-import io
 import pickle
-import sys
 import zipfile
 from pathlib import Path
 
