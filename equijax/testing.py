@@ -35,6 +35,17 @@ def transform(structure, rotation: np.ndarray, translation=np.zeros(3)) -> graph
     return s._replace(positions=pos, cell=cell)
 
 
+def central_difference(f, x, h: float = 1e-5) -> np.ndarray:
+    """``d f / d x`` by central differences, ``x.shape + f(x).shape``: a reference that shares no code with autodiff."""
+    x = np.array(x, float)
+    grad = np.zeros(x.shape + np.shape(f(x)))
+    for idx in np.ndindex(x.shape):
+        d = np.zeros_like(x)
+        d[idx] = h
+        grad[idx] = (np.asarray(f(x + d)) - np.asarray(f(x - d))) / (2 * h)
+    return grad
+
+
 def equivariance_errors(energy_fn, params, structure, cutoff, key=jax.random.PRNGKey(0),
                         hessian: bool = True, dtype=np.float64, reflect: bool = True) -> dict:
     """Largest deviations under a random rotation with inversion (without, if not ``reflect``) plus a translation.

@@ -21,8 +21,11 @@ def main():
     import e3nn
 
     constants = {name: float(normalize2mom(f).cst) for name, f in FUNCTIONS.items()}
-    out = {"e3nn": e3nn.__version__, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-           "constants": constants}
+    try:  # the CPU model, as in every results file (the constants do not depend on it)
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    out = {"e3nn": e3nn.__version__, "torch": torch.__version__, "cpu": cpu, "constants": constants}
     path = Path(__file__).parent / "results" / "e3nn_torch_constants.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")

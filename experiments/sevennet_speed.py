@@ -3,7 +3,8 @@
 Both run float32 through their ASE calculators, as users meet them (neighbour list, graph, model, results),
 each in its own process (equijax in this interpreter, sevenn in --peer-python), torch with 2 threads.
 Workloads: energy + forces of rattled NaCl rocksalt cells of 64, 216 and 512 atoms (median of --repeats warm
-calls, positions moved slightly before each call so that nothing is cached), and the Hessian of the 64-atom
+calls, positions moved slightly before each call so that nothing is cached), one equijax Hessian-vector
+product of the 64-atom cell (time and memory), and the Hessian of the 64-atom
 cell (one warm call): equijax's by autodiff (2 Hessian-vector products per batch, to fit 24 GB), sevenn's by central differences of its forces (6N force calls, the way phonopy
 and ASE's Vibrations get one from it; sevenn has no Hessian). Prints each median and the ratio.
 
@@ -66,6 +67,28 @@ def _fd_hessian(calc, atoms, delta=0.01):
     return h
 
 
+def _hvp(calc, atoms, repeats: int) -> dict:
+    """One Hessian-vector product of the model on a tightly padded graph: its time and XLA's temporary memory."""
+    import jax
+    import numpy as np
+
+    from equijax import graph as graph_lib, physics
+
+    cfg = calc.model.config
+    g = graph_lib.build_graph([atoms], cfg.cutoff, species=cfg.species, pad_to="tight")
+    v = np.zeros(g.nodes["positions"].shape, np.float32)
+    v[0, 0] = 1.0
+    compiled = jax.jit(physics.hessian_vector_product(calc.model.energy)).lower(calc.params, g, v).compile()
+    jax.block_until_ready(compiled(calc.params, g, v))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(calc.params, g, v))
+        times.append(time.perf_counter() - t)
+    return {"hvp_ms": 1e3 * statistics.median(times), "hvp_edges": int(np.asarray(g.edges["mask"]).sum()),
+            "hvp_temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
+
+
 def worker(code: str, repeats: int, hessian: bool = True) -> dict:
     import numpy as np
 
@@ -87,6 +110,8 @@ def worker(code: str, repeats: int, hessian: bool = True) -> dict:
             times.append(time.perf_counter() - t)
         out["energy_forces_ms"][n] = {"first": 1e3 * first, "median": 1e3 * statistics.median(times)}
     atoms = cell(64)
+    if code == "equijax":
+        out.update(_hvp(calc, atoms, repeats))
     if not hessian:
         return out
     if code == "equijax":
@@ -138,6 +163,8 @@ def main():
     if not args.no_hessian:
         rows.append({"workload": "Hessian, 64 atoms", "equijax_ms": e["hessian_ms"], "sevenn_ms": s["hessian_ms"],
                      "ratio": s["hessian_ms"] / e["hessian_ms"], "note": "sevenn: central differences, 384 force calls"})
+    print(f"equijax H·v, 64 atoms, tight padding ({e['hvp_edges']} edges): {e['hvp_ms']:.0f} ms, "
+          f"{e['hvp_temp_bytes'] / 2**30:.2f} GiB of temporaries; 192 of them make the Hessian")
     for r in rows:
         print(f"{r['workload']:28s} {r['equijax_ms']:10.1f} {r['sevenn_ms']:10.1f} {r['ratio']:6.2f}x")
     if args.out:

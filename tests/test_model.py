@@ -126,16 +126,6 @@ def test_vmap_over_stacked_graphs_and_chunked_hessian(shallow):
         np.testing.assert_allclose(chunked(params, g), hs[k], atol=1e-12)
 
 
-def _central_difference(f, x, h=1e-5):
-    x = np.array(x, float)
-    grad = np.zeros(x.shape + np.shape(f(x)))
-    for idx in np.ndindex(x.shape):
-        d = np.zeros_like(x)
-        d[idx] = h
-        grad[idx] = (np.asarray(f(x + d)) - np.asarray(f(x - d))) / (2 * h)
-    return grad
-
-
 def test_forces_and_hessian_match_finite_differences(small_config, small_model):
     model, params = small_model
     atoms = methanol()
@@ -145,10 +135,10 @@ def test_forces_and_hessian_match_finite_differences(small_config, small_model):
     energy = jax.jit(lambda p: model.energy(params, physics.with_positions(g, p))[0])
     forces = jax.jit(lambda p: physics.energy_and_forces(model.energy)(params, physics.with_positions(g, p))[1])
     e, f = jax.jit(physics.energy_and_forces(model.energy))(params, g)
-    fd_forces = -_central_difference(energy, pos)
+    fd_forces = -testing.central_difference(energy, pos)
     np.testing.assert_allclose(f[:n], fd_forces[:n], atol=1e-7)
     h = np.asarray(jax.jit(physics.hessian(model.energy))(params, g))
-    fd_hess = -_central_difference(lambda p: forces(p)[:n], pos)[:n]  # (a, i, b, j)
+    fd_hess = -testing.central_difference(lambda p: forces(p)[:n], pos)[:n]  # (a, i, b, j)
     np.testing.assert_allclose(h[:n, :, :n], fd_hess, atol=1e-6)
     np.testing.assert_allclose(h, np.transpose(h, (2, 3, 0, 1)), atol=1e-12)
     np.testing.assert_allclose(np.asarray(f[:n]).sum(0), 0.0, atol=1e-12)

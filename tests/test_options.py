@@ -53,15 +53,6 @@ def test_rotations_and_for_o3_inversion(optioned):
         assert errs["energy"] > 1e-6, errs
 
 
-def _central_difference(f, x, h=1e-5):
-    grad = np.zeros(x.shape + np.shape(f(x)))
-    for idx in np.ndindex(x.shape):
-        d = np.zeros_like(x)
-        d[idx] = h
-        grad[idx] = (np.asarray(f(x + d)) - np.asarray(f(x - d))) / (2 * h)
-    return grad
-
-
 def test_forces_stress_hessian_are_derivatives(optioned):
     _, cfg, model, params = optioned
     atoms = copper(1)
@@ -70,7 +61,7 @@ def test_forces_stress_hessian_are_derivatives(optioned):
     pos = np.asarray(g.nodes["positions"], float)
     energy = jax.jit(lambda p: model.energy(params, physics.with_positions(g, p))[0])
     efs = jax.jit(physics.energy_forces_stress(model.energy))(params, g)
-    np.testing.assert_allclose(efs.forces[:n], -_central_difference(energy, pos)[:n], atol=1e-7)
+    np.testing.assert_allclose(efs.forces[:n], -testing.central_difference(energy, pos)[:n], atol=1e-7)
     hvp = jax.jit(physics.hessian_vector_product(model.energy))
     v = np.zeros_like(pos)
     v[0, 2], v[1, 0] = 1.0, -0.5

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 
 def _import(args):
-    from equijax import checkpoint, imports
+    from equijax import imports
     from equijax.cli.common import enable_float64
 
     if args.dtype == "float64":
         enable_float64()
-    config, params, metadata = imports.load(args.source, args.dtype)
-    path = checkpoint.save_model(args.output, config.to_dict(), params, **metadata)
+    path, config, metadata = imports.convert(args.source, args.output, args.dtype)
     print(f"{metadata['source']['name']} -> {path}: {len(config.species)} elements, {config.n_layers} layers, "
           f"cutoff {config.cutoff} Å, {args.dtype}")
     print(imports.LICENCE)

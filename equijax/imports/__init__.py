@@ -103,12 +103,12 @@ def load(source, dtype: str = "float64"):
     return config, params, metadata
 
 
-def convert(source, out, dtype: str = "float64") -> Path:
-    """Write the model of ``source`` to the equijax model file ``out``; returns its path."""
+def convert(source, out, dtype: str = "float64"):
+    """Write the model of ``source`` to the equijax model file ``out``; returns ``(path, config, metadata)``."""
     from equijax import checkpoint
 
     config, params, metadata = load(source, dtype)
-    return checkpoint.save_model(out, config.to_dict(), params, **metadata)
+    return checkpoint.save_model(out, config.to_dict(), params, **metadata), config, metadata
 
 
 __all__ = ["Card", "LICENCE", "available", "convert", "load", "resolve", "sevennet", "torchzip"]
